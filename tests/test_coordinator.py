@@ -1,0 +1,318 @@
+"""Tests of the metrics coordinator and client with real processes and real sockets."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+import zmq
+import zmq.utils.monitor
+
+from trgl_dist.coordinator import (
+    CoordinatorError,
+    CoordinatorSettings,
+    _connect_address,
+    start_coordinator,
+    stop_coordinator,
+)
+from trgl_dist.metrics_client import MetricsClient
+from trgl_dist.runlog import read_metrics
+
+REPO = Path(__file__).resolve().parents[1]
+DEADLINE_S = 120.0  # a hang guard only: every wait below ends much sooner when things work
+FAST = CoordinatorSettings(grace_s=0.5, progress_interval_s=0.1, tensorboard=False)
+
+# A stage stand-in: pushes the JSON records given on the command line, then closes.
+SENDER = """
+import json, sys
+from trgl_dist.metrics_client import MetricsClient
+client = MetricsClient(sys.argv[1])
+for rec in json.loads(sys.argv[2]):
+    assert client.send(rec)
+client.close()
+"""
+
+# Starts a coordinator, says where it is, then waits to be killed.
+PARENT = """
+import json, sys, time
+from pathlib import Path
+from trgl_dist.coordinator import CoordinatorSettings, start_coordinator
+settings = CoordinatorSettings(grace_s=0.5, tensorboard=False)
+process, address = start_coordinator(Path(sys.argv[1]), world_size=2, num_modules=2,
+                                     regime="pipeline", settings=settings)
+Path(sys.argv[2]).write_text(json.dumps({"pid": process.pid, "address": address}))
+time.sleep(600)
+"""
+
+
+def python(script: str, *args: str, **popen: Any) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.Popen([sys.executable, "-c", script, *args], cwd=REPO, env=env, **popen)
+
+
+def send_from_child(address: str, records: list[dict[str, Any]]) -> None:
+    child = python(SENDER, address, json.dumps(records))
+    try:
+        assert child.wait(DEADLINE_S) == 0
+    finally:
+        child.kill()
+
+
+def train(stage: int, module: int, step: int) -> dict[str, Any]:
+    return {
+        "kind": "train",
+        "step": step,
+        "epoch": 0,
+        "module": module,
+        "stage": stage,
+        "loss": 1.0,
+        "ce": 0.9,
+        "transport": 0.2,
+        "tau": 0.5,
+        "lambda": None,
+        "accuracy": 0.5,
+        "samples": 16,
+    }
+
+
+def end(stage: int) -> dict[str, Any]:
+    return {
+        "kind": "end",
+        "step": 3,
+        "epoch": 0,
+        "stage": stage,
+        "modules": [2 * stage, 2 * stage + 1],
+        "busy_s": 3.0,
+        "wait_in_s": 1.0,
+        "wait_out_s": 0.0,
+        "samples": 64,
+        "samples_per_s": 16.0,
+        "inbox_depth": 0,
+        "bytes_sent": 4096,
+        "peak_rss_mb": 200.0,
+        "peak_tensor_mb": 5.0,
+        "staleness_mean": None,
+    }
+
+
+def error(stage: int, cause: str, peer: int | None, message: str) -> dict[str, Any]:
+    where = {"kind": "error", "step": -1, "epoch": -1, "stage": stage, "rank": stage}
+    return {**where, "message": message, "cause": cause, "peer": peer}
+
+
+def stage_records(stage: int) -> list[dict[str, Any]]:
+    records = [
+        train(stage, module, step) for step in range(4) for module in (2 * stage, 2 * stage + 1)
+    ]
+    for module in (2 * stage, 2 * stage + 1):
+        where = {"kind": "eval", "step": 3, "epoch": 0, "module": module}
+        records.append({**where, "accuracy": 0.5 + 0.1 * module, "loss": 1.0, "samples": 10})
+    return [*records, end(stage)]
+
+
+@pytest.fixture
+def coordinators() -> Iterator[list[Any]]:
+    """Started coordinators, killed at the end whatever happened."""
+    started: list[Any] = []
+    yield started
+    for process in started:
+        stop_coordinator(process, timeout_s=0)
+
+
+def start(run_dir: Path, started: list[Any], world_size: int, **kwargs: Any) -> str:
+    kwargs.setdefault("settings", FAST)
+    process, address = start_coordinator(
+        run_dir, world_size=world_size, num_modules=2 * world_size, regime="pipeline", **kwargs
+    )
+    started.append(process)
+    return address
+
+
+def exit_code(started: list[Any]) -> int | None:
+    process = started[-1]
+    process.join(DEADLINE_S)
+    return process.exitcode
+
+
+def summary_of(run_dir: Path) -> dict[str, Any]:
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+def test_two_stages_that_end_give_a_complete_run_directory(
+    tmp_path: Path, coordinators: list[Any], capfd: pytest.CaptureFixture[str]
+) -> None:
+    settings = CoordinatorSettings(progress_interval_s=0.1)  # with TensorBoard
+    address = start(tmp_path, coordinators, world_size=2, settings=settings, extra={"seed": 3})
+    for stage in (0, 1):
+        send_from_child(address, stage_records(stage))
+    assert exit_code(coordinators) == 0
+    records = read_metrics(tmp_path / "metrics.jsonl")
+    assert sorted(json.dumps(r, sort_keys=True) for r in records) == sorted(
+        json.dumps(r, sort_keys=True) for r in stage_records(0) + stage_records(1)
+    )
+    summary = summary_of(tmp_path)
+    assert [s["stage"] for s in summary["stages"]] == [0, 1]
+    assert summary["stages"][1]["busy"] == 0.75 and summary["failure"] is None
+    assert summary["best_module"] == 3 and summary["seed"] == 3
+    assert summary["coordinator"] == {"received": len(records), "malformed": 0}
+    assert (tmp_path / "report.md").exists() and list((tmp_path / "tb").glob("events.*"))
+    assert "Results (pipeline, 4 modules)" in capfd.readouterr().out
+
+
+def wait_for_disconnect(monitor: Any) -> None:
+    deadline = time.monotonic() + DEADLINE_S
+    while time.monotonic() < deadline:
+        event = zmq.utils.monitor.recv_monitor_message(monitor) if monitor.poll(100) else {}
+        if event.get("event") == zmq.EVENT_DISCONNECTED:
+            return
+    raise AssertionError("the coordinator never dropped the oversized sender")
+
+
+def test_malformed_and_oversized_messages_are_counted_not_fatal(
+    tmp_path: Path, coordinators: list[Any]
+) -> None:
+    address = start(tmp_path, coordinators, world_size=1)
+    context = zmq.Context()
+    try:
+        rogue = context.socket(zmq.PUSH)
+        monitor = rogue.get_monitor_socket()
+        rogue.connect(address)
+        rogue.send(b"x" * (2 << 20))  # over the 1 MiB limit: libzmq drops its sender
+        wait_for_disconnect(monitor)
+        sender = context.socket(zmq.PUSH)
+        sender.connect(address)
+        for raw in (b"not json", b"[1, 2]", b'{"no": "kind"}', b"\xff\xfe", b"[" * 100_000):
+            sender.send(raw)
+        sender.send(json.dumps(train(0, 0, 0)).encode())
+        sender.send(json.dumps(end(0)).encode())  # same connection: arrives after the junk
+        assert exit_code(coordinators) == 0
+    finally:
+        context.destroy(linger=0)
+    assert summary_of(tmp_path)["coordinator"] == {"received": 2, "malformed": 5}
+    assert [r["kind"] for r in read_metrics(tmp_path / "metrics.jsonl")] == ["train", "end"]
+
+
+def test_client_refuses_an_oversized_record_without_sending_it() -> None:
+    client = MetricsClient("tcp://127.0.0.1:9", linger_ms=0, max_message_bytes=1000)
+    try:
+        assert not client.send({"kind": "train", "blob": "x" * 1000})
+        assert client.send({"kind": "train", "step": 1})
+        assert (client.oversized, client.sent, client.dropped) == (1, 1, 0)
+    finally:
+        client.close()
+
+
+def test_an_exception_is_named_as_the_failure(
+    tmp_path: Path, coordinators: list[Any], capfd: pytest.CaptureFixture[str]
+) -> None:
+    address = start(tmp_path, coordinators, world_size=2)
+    send_from_child(address, [train(1, 2, 0), error(1, "exception", None, "ValueError: boom")])
+    send_from_child(address, [error(0, "peer-lost", 1, "recv from rank 1 failed")])
+    assert exit_code(coordinators) == 1
+    failure = summary_of(tmp_path)["failure"]
+    assert (failure["stage"], failure["rank"], failure["cause"]) == (1, 1, "exception")
+    line = "trgl_dist: training failed: stage 1 (rank 1) raised: ValueError: boom"
+    assert line in capfd.readouterr().err.splitlines()
+
+
+def test_a_rank_named_by_peer_lost_that_never_reported_died(
+    tmp_path: Path, coordinators: list[Any], capfd: pytest.CaptureFixture[str]
+) -> None:
+    address = start(tmp_path, coordinators, world_size=3)
+    # Rank 2 was killed: rank 1 loses it; rank 0 then loses rank 1, which did report.
+    send_from_child(address, [error(1, "peer-lost", 2, "recv from rank 2 failed")])
+    send_from_child(address, [error(0, "peer-lost", 1, "send to rank 1 failed")])
+    assert exit_code(coordinators) == 1  # after the grace period: rank 2 never reports
+    failure = summary_of(tmp_path)["failure"]
+    assert (failure["stage"], failure["rank"], failure["cause"]) == (2, 2, "died")
+    line = "trgl_dist: training failed: stage 2 (rank 2) died without reporting (killed?)"
+    assert line in capfd.readouterr().err.splitlines()
+
+
+def gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def test_the_coordinator_exits_when_its_parent_is_killed(tmp_path: Path) -> None:
+    info = tmp_path / "coordinator.json"
+    parent = python(PARENT, str(tmp_path / "run"), str(info), stdout=subprocess.DEVNULL)
+    pid = None
+    try:
+        deadline = time.monotonic() + DEADLINE_S
+        while not info.exists() and parent.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        pid = json.loads(info.read_text())["pid"]
+        parent.send_signal(signal.SIGKILL)
+        parent.wait(DEADLINE_S)
+        while not gone(pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert gone(pid)
+        failure = summary_of(tmp_path / "run")["failure"]
+        assert (failure["rank"], failure["cause"]) == (0, "died")
+    finally:
+        parent.kill()
+        if pid is not None and not gone(pid):
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_sigterm_flushes_and_exits(tmp_path: Path, coordinators: list[Any]) -> None:
+    address = start(tmp_path, coordinators, world_size=2)
+    send_from_child(address, [train(0, 0, 0)])
+    # The record is on disk once the coordinator has it: wait for that, then stop it.
+    deadline = time.monotonic() + DEADLINE_S
+    metrics = tmp_path / "metrics.jsonl"
+    while not (metrics.exists() and metrics.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    coordinators[-1].terminate()
+    assert exit_code(coordinators) == 128 + signal.SIGTERM
+    assert summary_of(tmp_path)["failure"]["cause"] == "interrupted"
+    assert [r["kind"] for r in read_metrics(tmp_path / "metrics.jsonl")] == ["train"]
+
+
+def free_port() -> int:
+    context = zmq.Context()
+    try:
+        sock = context.socket(zmq.PULL)
+        return sock.bind_to_random_port("tcp://127.0.0.1")
+    finally:
+        context.destroy(linger=0)
+
+
+def test_send_never_blocks_when_nobody_listens() -> None:
+    client = MetricsClient(f"tcp://127.0.0.1:{free_port()}", hwm=1000, linger_ms=0)
+    try:
+        accepted = [client.send({"kind": "train", "step": i}) for i in range(100_000)]
+    finally:
+        client.close()
+    assert client.sent == sum(accepted) and client.sent + client.dropped == 100_000
+    assert 0 < client.sent <= 2000 and client.dropped >= 98_000
+
+
+def test_binding_a_port_in_use_is_a_clear_error(tmp_path: Path, coordinators: list[Any]) -> None:
+    context = zmq.Context()
+    try:
+        taken = context.socket(zmq.PULL)
+        port = taken.bind_to_random_port("tcp://127.0.0.1")
+        message = f"cannot bind tcp://127.0.0.1:{port}: Address already in use"
+        with pytest.raises(CoordinatorError, match=message):
+            start(tmp_path, coordinators, world_size=1, bind=f"tcp://127.0.0.1:{port}")
+    finally:
+        context.destroy(linger=0)
+
+
+def test_a_wildcard_bind_is_reached_through_the_given_host() -> None:
+    assert _connect_address("tcp://0.0.0.0:5555", "node0") == "tcp://node0:5555"
+    assert _connect_address("tcp://0.0.0.0:5555", None) == "tcp://127.0.0.1:5555"
+    assert _connect_address("tcp://10.0.0.7:5555", "node0") == "tcp://10.0.0.7:5555"

@@ -1,0 +1,54 @@
+"""Datasets: the Debian Fashion-MNIST, seeded balanced subsets, deterministic batches."""
+
+import pytest
+import torch
+
+from trgl_dist import data
+from trgl_dist.config import DataConfig
+from trgl_dist.models import InputSpec
+
+
+def test_balanced_subset_is_seeded_and_balanced():
+    targets = torch.arange(10).repeat(50)
+    a = data.balanced_subset(targets, 23, seed=1)
+    assert torch.equal(a, data.balanced_subset(targets, 23, seed=1))
+    assert not torch.equal(a, data.balanced_subset(targets, 23, seed=2))
+    counts = torch.bincount(targets[a], minlength=10)
+    assert counts.tolist() == [3, 3, 3] + [2] * 7
+    with pytest.raises(data.DataError, match="larger than the training set"):
+        data.balanced_subset(targets, 501, seed=0)
+
+
+def test_synthetic_loader_batches_are_deterministic_and_carry_ids():
+    train, test, spec = data.build_datasets(
+        DataConfig(dataset="synthetic", synthetic_train=40), seed=3
+    )
+    assert spec == InputSpec(3, 32, 10) and len(train) == 40 and len(test) == 256
+
+    def epoch(e):
+        return list(data.make_loader(train, 16, train=True, seed=3, epoch=e))
+
+    first, again, other = epoch(0), epoch(0), epoch(1)
+    assert [len(b[1]) for b in first] == [16, 16, 8]  # the last batch is short
+    for (x1, y1, i1), (x2, y2, i2) in zip(first, again, strict=True):
+        assert torch.equal(x1, x2) and torch.equal(y1, y2) and torch.equal(i1, i2)
+    assert not torch.equal(first[0][2], other[0][2])
+    x, y, ids = first[0]
+    assert torch.equal(train.targets[ids], y)
+
+
+def test_fashion_mnist_from_the_debian_package(tmp_path):
+    config = DataConfig(dataset="fashion-mnist", data_dir=str(tmp_path), train_size=1000)
+    train, test, spec = data.build_datasets(config, seed=0)
+    assert spec == InputSpec(1, 28, 10)
+    assert len(train) == 1000 and len(test) == 10_000
+    assert torch.bincount(train.targets).tolist() == [100] * 10
+    x, y, i = train[0]
+    assert x.shape == (1, 28, 28) and x.dtype == torch.float32
+
+
+def test_missing_dataset_says_how_to_get_it(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "DEBIAN_FASHION_MNIST", tmp_path / "nowhere")
+    monkeypatch.setattr(data.datasets.FashionMNIST, "mirrors", ["http://127.0.0.1:9/"])
+    with pytest.raises(data.DataError, match="apt-get install -y dataset-fashion-mnist"):
+        data.build_datasets(DataConfig(dataset="fashion-mnist", data_dir=str(tmp_path)), seed=0)

@@ -1,0 +1,95 @@
+"""The pipeline on real Gloo processes: equivalence with `parallel`, buffers, eval, end of run."""
+
+import math
+
+import pytest
+import torch
+
+from tests.distributed import run_workers
+from tests.helpers import make_context, small_config
+from trgl_dist.pipeline import build_stage, run_stage
+from trgl_dist.regimes import RUNNERS
+from trgl_dist.stage import stage_modules
+
+
+def _stage_worker(topology, config):
+    """One rank: build, run, return this stage's parameters and the records it sent."""
+    records: list = []
+    learners, data = build_stage(config, topology)
+    run_stage(config, topology, learners, data, records.append)
+    params = {
+        learner.index: [p.detach().clone() for p in learner.module.parameters()]
+        for learner in learners
+    }
+    return params, records
+
+
+def _parallel_reference(config):
+    # One thread, as in the workers: the same reduction order makes the runs bit-comparable.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        ctx = make_context(config)
+        RUNNERS["parallel"](ctx)
+    finally:
+        torch.set_num_threads(threads)
+    return {lr.index: [p.detach() for p in lr.module.parameters()] for lr in ctx.learners}
+
+
+@pytest.mark.parametrize("world_size, modules", [(2, 3), (3, 3), (3, 5)])
+def test_fifo_pipeline_equals_lock_step_parallel(world_size, modules):
+    # 64 samples / batch 12 -> 5 full batches and a short last one (variable last batch),
+    # two epochs so the epoch boundary and the test pass sit between training batches.
+    config = small_config(
+        model={"modules": modules},
+        data={"batch_size": 12},
+        train={"epochs": 2},
+        pipeline={"buffer_size": 2},
+    )
+    results = run_workers(_stage_worker, world_size, config, deadline_s=120)
+    for r in results:
+        assert r.exitcode == 0, r.error
+    reference = _parallel_reference(config.replace("train", regime="parallel"))
+    got = {k: v for r in results for k, v in r.value[0].items()}
+    assert sorted(got) == list(range(modules))
+    for k in range(modules):
+        for a, b in zip(got[k], reference[k], strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    steps = math.ceil(64 / 12) * 2
+    trains = [rec for r in results for rec in r.value[1] if rec["kind"] == "train"]
+    assert max(rec["step"] for rec in trains if rec["module"] == modules - 1) == steps
+
+
+def test_eval_results_and_end_records_reach_the_sink():
+    config = small_config(model={"modules": 2}, train={"epochs": 2})
+    results = run_workers(_stage_worker, 2, config, deadline_s=120)
+    assert [r.exitcode for r in results] == [0, 0], [r.error for r in results]
+    records = [rec for r in results for rec in r.value[1]]
+    evals = sorted(
+        (rec["epoch"], rec["module"], rec["samples"]) for rec in records if rec["kind"] == "eval"
+    )
+    assert evals == [(e, k, 32) for e in (0, 1) for k in (0, 1)]
+    ends = [rec for rec in records if rec["kind"] == "end"]
+    assert sorted(rec["stage"] for rec in ends) == [0, 1]
+    assert all(rec["samples"] == 2 * 64 for rec in ends)
+    assert [rec["epoch"] for rec in records if rec["kind"] == "epoch"] == [0, 1]
+
+
+def test_replay_policy_trains_downstream_more_without_exceeding_max_reuse():
+    config = small_config(
+        model={"modules": 2},
+        train={"epochs": 1},
+        pipeline={"buffer_policy": "replay", "max_reuse": 3, "buffer_size": 4},
+    )
+    results = run_workers(_stage_worker, 2, config, deadline_s=120)
+    assert [r.exitcode for r in results] == [0, 0], [r.error for r in results]
+    end = next(rec for rec in results[1].value[1] if rec["kind"] == "end")
+    # 64 samples in 4 batches: downstream trains each at least once and at most 3 times
+    assert 64 <= end["samples"] <= 3 * 64
+
+
+def test_stage_modules_split_and_too_many_ranks():
+    assert [list(stage_modules(8, 3, s)) for s in range(3)] == [[0, 1, 2], [3, 4, 5], [6, 7]]
+    assert list(stage_modules(16, 4, 3)) == [12, 13, 14, 15]
+    with pytest.raises(ValueError, match="more ranks"):
+        stage_modules(2, 4, 0)

@@ -1,0 +1,289 @@
+"""Run configuration: frozen dataclasses per component, defaults < TOML file < flags."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+import tomllib
+
+from trgl_dist.method import METHODS, TAU_SCHEDULES, TRANSPORT_NORMS
+
+REGIMES = ("e2e", "parallel", "sequential", "multilap", "pipeline")
+DATASETS = ("fashion-mnist", "mnist", "cifar10", "cifar100", "stl10", "imagefolder", "synthetic")
+BUFFER_POLICIES = ("fifo", "replay")
+OPTIMIZERS = ("sgd", "adamw")
+SCHEDULES = ("auto", "constant", "step", "cosine")
+SPLITS = ("equal-depth", "equal-params", "equal-memory", "equal-time")
+HEADS = ("1cnn", "linear", "mlp")
+
+# The config schema version: a resumed run whose config.toml has another one is refused.
+SCHEMA_VERSION = 1
+
+
+class ConfigError(ValueError):
+    """A bad key or value; its message names the key and is shown to the user as one line."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = "resnet-small"
+    modules: int = 4
+    split: str = "equal-depth"
+    split_counts: tuple[int, ...] = ()
+    head: str = "1cnn"
+    width: int = 0
+    blocks_per_module: int = 2
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    name: str = "trgl"
+    tau: float = 1.0
+    tau_schedule: str = "midpoint-double"
+    tau_values: tuple[float, ...] = ()
+    transport_norm: str = "mean"
+    label_smoothing: float = 0.1
+    multiplier_h: float = 0.1
+    multiplier_every: int = 50
+    multiplier_init: float = 1.0
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: str = "fashion-mnist"
+    data_dir: str = ""
+    train_size: int = 0
+    batch_size: int = 128
+    augment: bool = True
+    image_size: int = 0  # imagefolder only: 0 = 224
+    workers: int = 0
+    synthetic_train: int = 512
+    synthetic_test: int = 256
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    optimizer: str = "sgd"
+    lr: float = 0.0  # 0: the paper's default for the regime
+    momentum: float = 0.9
+    weight_decay: float = 2e-4
+    schedule: str = "auto"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    regime: str = "parallel"
+    epochs: int = 1
+    max_steps: int = 0
+    seed: int = 0
+    module_epochs_base: int = 0  # sequential/multilap: N_k = base + slope * k (0: --epochs)
+    module_epochs_slope: int = 0
+    laps: int = 2
+    cache_frozen: bool = False
+    log_every: int = 20
+    out: str = ""
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    buffer_size: int = 2
+    buffer_policy: str = "fifo"
+    max_reuse: int = 4
+    coordinator: str = "tcp://127.0.0.1:0"
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+
+    def replace(self, section: str, **values: Any) -> Config:
+        return dataclasses.replace(
+            self, **{section: dataclasses.replace(getattr(self, section), **values)}
+        )
+
+
+SECTION_TYPES = {
+    "model": ModelConfig,
+    "method": MethodConfig,
+    "data": DataConfig,
+    "optim": OptimConfig,
+    "train": TrainConfig,
+    "pipeline": PipelineConfig,
+}
+# Flags whose name differs from "--" + field name.
+FLAG_ALIASES = {("model", "name"): "model", ("method", "name"): "method"}
+
+
+def flag_name(section: str, key: str) -> str:
+    return FLAG_ALIASES.get((section, key), key).replace("_", "-")
+
+
+def _coerce(key: str, value: Any, default: Any) -> Any:
+    """Convert a TOML or flag value to its field's type, naming the key on failure."""
+    try:
+        if isinstance(default, bool):
+            if isinstance(value, str):
+                if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ValueError(value)
+                return value.lower() in ("true", "1", "yes")
+            return bool(value)
+        if isinstance(default, tuple):
+            items = value.split(",") if isinstance(value, str) else list(value)
+            kind = float if key.endswith("tau_values") else int
+            return tuple(kind(v) for v in items if str(v).strip() != "")
+        if isinstance(default, int):
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return int(value)
+        if isinstance(default, float):
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{key}: cannot read {value!r} as {type(default).__name__}") from None
+
+
+def from_mapping(data: dict[str, Any], base: Config | None = None) -> Config:
+    """Apply a nested mapping {section: {key: value}} (a TOML file) over ``base``."""
+    config = base or Config()
+    for section, values in data.items():
+        if section == "schema_version":
+            continue
+        if section not in SECTION_TYPES or not isinstance(values, dict):
+            raise ConfigError(
+                f"unknown config section {section!r} (known: {', '.join(SECTION_TYPES)})"
+            )
+        current = getattr(config, section)
+        known = {f.name for f in dataclasses.fields(current)}
+        updates = {}
+        for key, value in values.items():
+            if key not in known:
+                raise ConfigError(f"unknown config key {section}.{key}")
+            updates[key] = _coerce(f"{section}.{key}", value, getattr(current, key))
+        config = config.replace(section, **updates)
+    return config
+
+
+def load_toml(path: Path, base: Config | None = None) -> Config:
+    try:
+        data = tomllib.loads(Path(path).read_text())
+    except OSError as err:
+        raise ConfigError(f"cannot read config file {path}: {err.strerror}") from None
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"config file {path} is not valid TOML: {err}") from None
+    version = data.get("schema_version", SCHEMA_VERSION)
+    if version != SCHEMA_VERSION:
+        raise ConfigError(
+            f"{path} was written with config schema {version}; this version reads {SCHEMA_VERSION}"
+        )
+    return from_mapping(data, base)
+
+
+def to_mapping(config: Config) -> dict[str, Any]:
+    out: dict[str, Any] = {"schema_version": SCHEMA_VERSION}
+    for section in SECTION_TYPES:
+        out[section] = {
+            k: list(v) if isinstance(v, tuple) else v
+            for k, v in dataclasses.asdict(getattr(config, section)).items()
+        }
+    return out
+
+
+def write_toml(config: Config, path: Path) -> None:
+    path.write_text(tomli_w.dumps(to_mapping(config)))
+
+
+def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{key}: {value!r} is not one of {', '.join(choices)}")
+
+
+def _check_positive(key: str, value: float, allow_zero: bool = False) -> None:
+    if (
+        value < 0
+        or (value == 0 and not allow_zero)
+        or (isinstance(value, float) and math.isnan(value))
+    ):
+        raise ConfigError(f"{key} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+
+
+def validate(config: Config) -> Config:
+    """Reject impossible values with one message naming the key. Model-dependent checks
+    (K larger than the number of blocks, ...) happen when the model is built."""
+    m, me, d, o, t, p = (
+        config.model,
+        config.method,
+        config.data,
+        config.optim,
+        config.train,
+        config.pipeline,
+    )
+    _check_choice("model.split", m.split, SPLITS)
+    _check_choice("model.head", m.head, HEADS)
+    _check_positive("model.modules", m.modules)
+    _check_positive("model.width", m.width, allow_zero=True)
+    _check_positive("model.blocks_per_module", m.blocks_per_module)
+    _check_choice("method.name", me.name, METHODS)
+    _check_choice("method.tau_schedule", me.tau_schedule, TAU_SCHEDULES)
+    _check_choice("method.transport_norm", me.transport_norm, TRANSPORT_NORMS)
+    _check_positive("method.tau", me.tau)
+    if me.tau_schedule == "list" and len(me.tau_values) != m.modules:
+        raise ConfigError(
+            f"method.tau_values has {len(me.tau_values)} values for {m.modules} modules"
+        )
+    if not 0 <= me.label_smoothing < 1:
+        raise ConfigError(f"method.label_smoothing must be in [0, 1), got {me.label_smoothing}")
+    _check_positive("method.multiplier_every", me.multiplier_every)
+    _check_choice("data.dataset", d.dataset, DATASETS)
+    _check_positive("data.batch_size", d.batch_size)
+    _check_positive("data.train_size", d.train_size, allow_zero=True)
+    _check_positive("data.workers", d.workers, allow_zero=True)
+    _check_choice("optim.optimizer", o.optimizer, OPTIMIZERS)
+    _check_choice("optim.schedule", o.schedule, SCHEDULES)
+    _check_positive("optim.lr", o.lr, allow_zero=True)
+    _check_positive("optim.weight_decay", o.weight_decay, allow_zero=True)
+    _check_choice("train.regime", t.regime, REGIMES)
+    _check_positive("train.epochs", t.epochs)
+    _check_positive("train.max_steps", t.max_steps, allow_zero=True)
+    _check_positive("train.laps", t.laps)
+    _check_positive("train.log_every", t.log_every)
+    _check_positive("train.module_epochs_base", t.module_epochs_base, allow_zero=True)
+    _check_positive("train.module_epochs_slope", t.module_epochs_slope, allow_zero=True)
+    _check_positive("pipeline.buffer_size", p.buffer_size)
+    _check_choice("pipeline.buffer_policy", p.buffer_policy, BUFFER_POLICIES)
+    _check_positive("pipeline.max_reuse", p.max_reuse)
+    if m.split_counts and len(m.split_counts) != m.modules:
+        raise ConfigError(
+            f"model.split_counts has {len(m.split_counts)} entries for {m.modules} modules"
+        )
+    return config
+
+
+def module_epochs(train: TrainConfig, num_modules: int) -> list[int]:
+    """Per-module epoch budget of sequential/multilap: N_k = a + b*k, k = 1..K."""
+    base = train.module_epochs_base or train.epochs
+    return [base + train.module_epochs_slope * k for k in range(1, num_modules + 1)]
+
+
+def default_lr(config: Config) -> float:
+    """The paper's learning rates: e2e 0.1, parallel 0.003 (0.002 at batch < 256),
+    sequential and multilap 0.007; AdamW (Swin) 5e-4."""
+    if config.optim.lr > 0:
+        return config.optim.lr
+    if config.optim.optimizer == "adamw":
+        return 5e-4
+    regime = config.train.regime
+    if regime == "e2e":
+        return 0.1
+    if regime in ("sequential", "multilap"):
+        return 0.007
+    return 0.003 if config.data.batch_size >= 256 else 0.002

@@ -1,0 +1,252 @@
+"""Datasets through torchvision's classes, seeded subsets, and deterministic loaders."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+from torchvision import datasets
+from torchvision.datasets.utils import extract_archive
+from torchvision.transforms import v2
+
+from trgl_dist.config import DataConfig
+from trgl_dist.models import InputSpec
+
+log = logging.getLogger(__name__)
+
+DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+FASHION_FILES = (
+    "train-images-idx3-ubyte",
+    "train-labels-idx1-ubyte",
+    "t10k-images-idx3-ubyte",
+    "t10k-labels-idx1-ubyte",
+)
+# (mean, std) per channel, and whether horizontal flips keep the label meaningful.
+STATS = {
+    "fashion-mnist": ((0.2860,), (0.3530,), True),
+    "mnist": ((0.1307,), (0.3081,), False),
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), True),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), True),
+    "stl10": ((0.4467, 0.4398, 0.4066), (0.2603, 0.2566, 0.2713), True),
+    "imagefolder": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225), True),
+}
+
+
+class DataError(RuntimeError):
+    """The dataset cannot be had; the message says how to get it."""
+
+
+class IndexedImages(Dataset):
+    """In-memory uint8 images (N, C, H, W) yielding (image, label, sample id).
+
+    Augmentation is seeded per (seed, epoch, sample id), so a batch is the same
+    whatever process, worker or resumed run draws it.
+    """
+
+    def __init__(self, images_NCHW: Any, targets: Tensor, transform: Callable, seed: int):
+        self.images, self.targets, self.transform = images_NCHW, targets.long(), transform
+        self.seed, self.epoch = seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor, int]:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(hash((self.seed, self.epoch, index)) & 0x7FFFFFFF)
+            image = self.transform(self.images[index])
+        return image, self.targets[index], index
+
+
+def _transforms(name: str, size: int, train: bool, augment: bool) -> Callable:
+    mean, std, flip = STATS[name]
+    steps: list[Callable] = []
+    if train and augment:
+        steps.append(v2.RandomCrop(size, padding=size // 8))
+        if flip:
+            steps.append(v2.RandomHorizontalFlip())
+    steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
+    return v2.Compose(steps)
+
+
+def _fashion_mnist_root(root: Path) -> Path:
+    """Stage the Debian package's IDX files under root/FashionMNIST/raw when present."""
+    raw = root / "FashionMNIST" / "raw"
+    if all((raw / f).exists() for f in FASHION_FILES):
+        return root
+    if all((DEBIAN_FASHION_MNIST / f"{f}.gz").exists() for f in FASHION_FILES):
+        raw.mkdir(parents=True, exist_ok=True)
+        for f in FASHION_FILES:
+            extract_archive(str(DEBIAN_FASHION_MNIST / f"{f}.gz"), str(raw))
+        log.info("using Fashion-MNIST from %s", DEBIAN_FASHION_MNIST)
+    return root
+
+
+def _download_hint(name: str, root: Path) -> str:
+    if name == "fashion-mnist":
+        return (
+            f"Fashion-MNIST not found in {DEBIAN_FASHION_MNIST} nor {root}, and it could not be "
+            "downloaded: run `apt-get install -y dataset-fashion-mnist`, or connect to the "
+            "internet so torchvision can download it"
+        )
+    return (
+        f"dataset {name} not found in {root} and it could not be downloaded: connect to the "
+        f"internet so torchvision can download it, or pass --data-dir to where it is"
+    )
+
+
+def _load_torchvision(name: str, root: Path, train: bool) -> tuple[Tensor, Tensor]:
+    """Images as uint8 (N, C, H, W) and labels, from torchvision's own dataset classes."""
+    if name == "fashion-mnist":
+        root = _fashion_mnist_root(root)
+    kinds: dict[str, Callable] = {
+        "fashion-mnist": datasets.FashionMNIST,
+        "mnist": datasets.MNIST,
+        "cifar10": datasets.CIFAR10,
+        "cifar100": datasets.CIFAR100,
+    }
+    try:
+        if name == "stl10":
+            ds = datasets.STL10(str(root), split="train" if train else "test", download=True)
+            return torch.from_numpy(ds.data), torch.from_numpy(ds.labels).long()
+        ds = kinds[name](str(root), train=train, download=True)
+    except (RuntimeError, OSError) as err:
+        raise DataError(_download_hint(name, root)) from err
+    data = ds.data if isinstance(ds.data, Tensor) else torch.from_numpy(ds.data)
+    images = data.unsqueeze(1) if data.ndim == 3 else data.permute(0, 3, 1, 2)
+    return images.contiguous(), torch.as_tensor(ds.targets).long()
+
+
+def synthetic(n: int, spec: InputSpec, seed: int) -> tuple[Tensor, Tensor]:
+    """Learnable random data: a fixed pattern per class plus noise, as uint8 images."""
+    g = torch.Generator().manual_seed(seed)
+    patterns = torch.rand(spec.num_classes, spec.channels, spec.size, spec.size, generator=g)
+    labels = torch.randint(spec.num_classes, (n,), generator=g)
+    noise = torch.rand(n, spec.channels, spec.size, spec.size, generator=g)
+    images = (0.6 * patterns[labels] + 0.4 * noise) * 255
+    return images.to(torch.uint8), labels
+
+
+def balanced_subset(targets: Tensor, size: int, seed: int) -> Tensor:
+    """A fixed, seeded, class-balanced choice of ``size`` indices; earlier classes take the rest."""
+    if size > len(targets):
+        raise DataError(
+            f"--train-size {size} is larger than the training set ({len(targets)} samples)"
+        )
+    classes = torch.unique(targets)
+    g = torch.Generator().manual_seed(seed)
+    per_class, extra = divmod(size, len(classes))
+    chosen = []
+    for i, c in enumerate(classes.tolist()):
+        members = torch.nonzero(targets == c).flatten()
+        take = per_class + (1 if i < extra else 0)
+        if take > len(members):
+            raise DataError(f"--train-size {size}: class {c} has only {len(members)} samples")
+        chosen.append(members[torch.randperm(len(members), generator=g)[:take]])
+    return torch.cat(chosen).sort().values
+
+
+def build_datasets(config: DataConfig, seed: int) -> tuple[IndexedImages, IndexedImages, InputSpec]:
+    """Train and test sets (with sample ids) and the input spec they imply."""
+    root = Path(config.data_dir).expanduser() if config.data_dir else default_data_dir()
+    name = config.dataset
+    if name == "imagefolder":
+        return _image_folders(root, config, seed)
+    if name == "synthetic":
+        spec = InputSpec(channels=3, size=32, num_classes=10)
+        train_x, train_y = synthetic(config.synthetic_train, spec, seed=1234)
+        test_x, test_y = synthetic(config.synthetic_test, spec, seed=4321)
+        stats_name = "cifar10"
+    else:
+        train_x, train_y = _load_torchvision(name, root, train=True)
+        test_x, test_y = _load_torchvision(name, root, train=False)
+        classes = 100 if name == "cifar100" else 10
+        spec = InputSpec(channels=train_x.shape[1], size=train_x.shape[-1], num_classes=classes)
+        stats_name = name
+    if config.train_size:
+        keep = balanced_subset(train_y, config.train_size, seed)
+        train_x, train_y = train_x[keep], train_y[keep]
+    train = IndexedImages(
+        train_x, train_y, _transforms(stats_name, spec.size, True, config.augment), seed
+    )
+    test = IndexedImages(test_x, test_y, _transforms(stats_name, spec.size, False, False), seed)
+    return train, test, spec
+
+
+class _FolderImages:
+    """ImageFolder files decoded lazily to uint8 (C, H, W) tensors."""
+
+    def __init__(self, folder: datasets.ImageFolder):
+        self.folder = folder
+
+    def __len__(self) -> int:
+        return len(self.folder)
+
+    def __getitem__(self, index: int) -> Tensor:
+        path, _ = self.folder.samples[index]
+        return v2.functional.pil_to_tensor(self.folder.loader(path).convert("RGB"))
+
+
+def _image_folders(
+    root: Path, config: DataConfig, seed: int
+) -> tuple[IndexedImages, IndexedImages, InputSpec]:
+    """ImageFolder layout: root/train/<class>/*.jpg and root/val/<class>/*.jpg."""
+    try:
+        train_folder = datasets.ImageFolder(str(root / "train"))
+        test_folder = datasets.ImageFolder(str(root / "val"))
+    except (FileNotFoundError, OSError) as err:
+        raise DataError(
+            f"imagefolder: expected {root}/train/<class>/ and {root}/val/<class>/ "
+            f"(set --data-dir): {err}"
+        ) from None
+    size = config.image_size or 224
+    spec = InputSpec(channels=3, size=size, num_classes=len(train_folder.classes))
+    mean, std, _ = STATS["imagefolder"]
+    normalize = [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
+    train_tf = v2.Compose(
+        [v2.RandomResizedCrop(size, antialias=True), v2.RandomHorizontalFlip(), *normalize]
+        if config.augment
+        else [v2.Resize(size, antialias=True), v2.CenterCrop(size), *normalize]
+    )
+    test_tf = v2.Compose(
+        [v2.Resize(size * 8 // 7, antialias=True), v2.CenterCrop(size), *normalize]
+    )
+    train_y = torch.tensor(train_folder.targets)
+    images: Any = _FolderImages(train_folder)
+    train = IndexedImages(images, train_y, train_tf, seed)
+    if config.train_size:
+        keep = balanced_subset(train_y, config.train_size, seed)
+        train = IndexedImages(
+            torch.utils.data.Subset(images, keep.tolist()), train_y[keep], train_tf, seed
+        )
+    test = IndexedImages(
+        _FolderImages(test_folder), torch.tensor(test_folder.targets), test_tf, seed
+    )
+    return train, test, spec
+
+
+def default_data_dir() -> Path:
+    return Path.home() / ".cache" / "trgl_dist" / "data"
+
+
+def make_loader(
+    dataset: IndexedImages, batch_size: int, *, train: bool, seed: int, epoch: int, workers: int = 0
+) -> DataLoader:
+    """Batches of (x, y, ids); order set by (seed, epoch) alone; the last may be short."""
+    dataset.set_epoch(epoch)
+    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=train,
+        generator=generator,
+        num_workers=workers,
+        drop_last=False,
+    )

@@ -1,0 +1,90 @@
+"""Sequential and multi-lap training: one module at a time on its frozen predecessors' outputs."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch import Tensor
+
+from trgl_dist.config import module_epochs
+from trgl_dist.learner import ModuleLearner
+from trgl_dist.regimes.common import Context, batches, end_epoch, evaluate, log_train
+
+log = logging.getLogger(__name__)
+
+
+def lap_epochs(total: int, laps: int) -> list[int]:
+    """Split one module's epoch budget over laps; earlier laps take the remainder."""
+    base, extra = divmod(total, laps)
+    return [base + (1 if lap < extra else 0) for lap in range(laps)]
+
+
+@torch.no_grad()
+def frozen_forward(frozen: Sequence[ModuleLearner], x: Tensor) -> Tensor:
+    """The predecessors in eval mode without grad: their weights and BN statistics do not move."""
+    for learner in frozen:
+        learner.module.eval()
+        x = learner.module.features(x)[0]
+    return x
+
+
+def _cached_inputs(
+    ctx: Context, frozen: Sequence[ModuleLearner], epoch: int
+) -> tuple[Tensor, Tensor]:
+    """One pass of the frozen prefix over the training set, kept in memory.
+
+    The augmentation is therefore drawn once per sample, not once per epoch.
+    """
+    hs, ys = [], []
+    for x, y in batches(ctx, epoch, "caching frozen outputs"):
+        hs.append(frozen_forward(frozen, x).cpu())
+        ys.append(y.cpu())
+    h = torch.cat(hs)
+    log.info("cached %d frozen outputs (%.0f MB)", len(h), h.numel() * h.element_size() / 2**20)
+    return h, torch.cat(ys)
+
+
+def _module_batches(
+    ctx: Context, frozen: Sequence[ModuleLearner], epoch: int, cache: tuple[Tensor, Tensor] | None
+) -> Iterator[tuple[Tensor, Tensor]]:
+    if cache is None:
+        for x, y in batches(ctx, epoch, f"module {len(frozen) + 1} epoch {epoch + 1}"):
+            yield frozen_forward(frozen, x), y
+        return
+    h, y = cache
+    g = torch.Generator().manual_seed(ctx.config.train.seed * 100_003 + epoch)
+    order = torch.randperm(len(y), generator=g)
+    for chunk in order.split(ctx.config.data.batch_size):
+        ctx.samples_seen += len(chunk)
+        yield h[chunk].to(ctx.device), y[chunk].to(ctx.device)
+
+
+def train_sequential(ctx: Context) -> None:
+    """sequential: module k trains N_k epochs, then freezes. multilap: R laps of N_k/R epochs each,
+    the optimizer state carried from lap to lap. Same total budget either way."""
+    config = ctx.config
+    laps = config.train.laps if config.train.regime == "multilap" else 1
+    budgets = module_epochs(config.train, len(ctx.learners))
+    schedule = [lap_epochs(n, laps) for n in budgets]
+    done = [0] * len(ctx.learners)  # epochs trained per module so far
+    use_cache = config.train.cache_frozen and laps == 1
+    for lap in range(laps):
+        for k, learner in enumerate(ctx.learners):
+            frozen = ctx.learners[:k]
+            cache = _cached_inputs(ctx, frozen, done[k]) if use_cache and k > 0 else None
+            for _ in range(schedule[k][lap]):
+                if ctx.out_of_steps(learner):
+                    break
+                epoch, started = done[k], time.perf_counter()
+                for h, y in _module_batches(ctx, frozen, epoch, cache):
+                    learner.train_step(h, y)
+                    if learner.steps % config.train.log_every == 0:
+                        log_train(ctx, learner, epoch)
+                    if ctx.out_of_steps(learner):
+                        break
+                end_epoch(ctx, epoch, started, [learner])
+                evaluate(ctx, epoch, upto=k + 1, only=[k])
+                done[k] += 1

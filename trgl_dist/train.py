@@ -1,0 +1,119 @@
+"""Entry point: parse -> build -> train -> report. `python -m trgl_dist.train` or under torchrun."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from trgl_dist import cli
+from trgl_dist.config import Config, ConfigError, write_toml
+from trgl_dist.data import DataError, build_datasets
+from trgl_dist.learner import ModuleLearner, taus
+from trgl_dist.network import build_network
+from trgl_dist.regimes import RUNNERS, Context
+from trgl_dist.report import format_console_report, write_report
+from trgl_dist.runlog import RunLog, read_metrics, summarize, write_summary
+
+log = logging.getLogger("trgl_dist")
+
+
+def run_directory(config: Config) -> Path:
+    """The run directory, created; the default name holds the regime and the start time."""
+    out = config.train.out or f"runs/{config.train.regime}-{time.strftime('%Y%m%d-%H%M%S')}"
+    path = Path(out)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(
+            f"train.out: cannot create run directory {path}: {err.strerror}"
+        ) from None
+    return path
+
+
+def device_for_single_process() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def build_learners(config: Config, spec_modules: list, epochs: int) -> list[ModuleLearner]:
+    tau = taus(config, len(spec_modules))
+    return [
+        ModuleLearner(k, module, config, tau[k], epochs) for k, module in enumerate(spec_modules)
+    ]
+
+
+def run_single_process(config: Config) -> int:
+    """e2e, parallel, sequential or multilap in this process."""
+    torch.manual_seed(config.train.seed)
+    train_set, test_set, spec = build_datasets(config.data, config.train.seed)
+    modules, counts = build_network(config, spec)
+    device = device_for_single_process()
+    for module in modules:
+        module.to(device)
+    learners = build_learners(config, modules, config.train.epochs)
+    run_dir = run_directory(config)
+    write_toml(config, run_dir / "config.toml")
+    log.info(
+        "%s: %s, %d modules of %s blocks, %s on %s, %d training samples -> %s",
+        config.train.regime,
+        config.model.name,
+        len(modules),
+        counts,
+        config.method.name,
+        device,
+        len(train_set),
+        run_dir,
+    )
+    runlog = RunLog(run_dir)
+    ctx = Context(config, learners, train_set, test_set, device, runlog.record)
+    started = time.perf_counter()
+    try:
+        RUNNERS[config.train.regime](ctx)
+    finally:
+        runlog.close()
+    wall = time.perf_counter() - started
+    records = read_metrics(run_dir / "metrics.jsonl")
+    summary = summarize(
+        records,
+        regime=config.train.regime,
+        num_modules=len(modules),
+        extra={
+            "blocks_per_module": counts,
+            "wall_seconds": wall,
+            "samples_per_s": ctx.samples_seen / max(sum(ctx.epoch_times), 1e-9),
+        },
+    )
+    write_summary(run_dir, summary)
+    write_report(run_dir, records, summary)
+    print(format_console_report(summary))
+    print(f"run directory: {run_dir}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    try:
+        config, _extras = cli.parse(argv)
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 or config.train.regime == "pipeline":
+            from trgl_dist.pipeline import run_pipeline
+
+            return run_pipeline(config.replace("train", regime="pipeline"))
+        return run_single_process(config)
+    except (ConfigError, DataError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except FloatingPointError as err:
+        print(f"error: stopped, {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
