@@ -68,7 +68,7 @@ def test_model_names_and_unknown_name() -> None:
     ("name", "num_blocks"),
     [
         ("resnet110", 54),
-        ("resnet-small", 6),
+        ("resnet-small", 9),
         ("resnet50", 16),
         ("resnet101", 33),
         ("resnet152", 50),

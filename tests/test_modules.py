@@ -19,7 +19,7 @@ def small_backbone() -> Backbone:
 
 def test_modules_hold_the_stem_then_consecutive_blocks() -> None:
     backbone = small_backbone()
-    modules = build_modules(backbone, [3, 2, 1], FASHION)
+    modules = build_modules(backbone, [3, 2, 4], FASHION)
     assert len(modules) == 3
     assert modules[0].body[0] is backbone.stem
     bodies = [list(m.body) for m in modules]
@@ -29,22 +29,22 @@ def test_modules_hold_the_stem_then_consecutive_blocks() -> None:
 
 
 def test_module_output_chains_and_collects_residues() -> None:
-    modules = build_modules(small_backbone(), [3, 2, 1], FASHION)
+    modules = build_modules(small_backbone(), [4, 3, 2], FASHION)
     x = torch.randn(4, 1, 28, 28)
     out = modules[0](x)
     assert isinstance(out, ModuleOutput)
-    assert out.h.shape == (4, 16, 14, 14)  # 3 blocks: stage 1 and the opening of stage 2
-    assert len(out.residues) == 3 and out.logits.shape == (4, 10)
+    assert out.h.shape == (4, 16, 14, 14)  # 4 blocks: stage 1 and the opening of stage 2
+    assert len(out.residues) == 4 and out.logits.shape == (4, 10)
     h, residues = modules[0].features(x)
     torch.testing.assert_close(h, out.h)
     torch.testing.assert_close(modules[0].head(h), out.logits)
     assert all(torch.equal(a, b) for a, b in zip(residues, out.residues))
     second = modules[1](out.h)
-    assert second.h.shape == (4, 32, 7, 7) and len(second.residues) == 2
+    assert second.h.shape == (4, 32, 7, 7) and len(second.residues) == 3
 
 
 def test_heads_fit_each_module_output() -> None:
-    modules = build_modules(small_backbone(), [2, 2, 2], FASHION, head="linear")
+    modules = build_modules(small_backbone(), [3, 3, 3], FASHION, head="linear")
     in_features = [m.head[-1].in_features for m in modules]
     assert in_features == [8, 16, 32]
 
@@ -52,15 +52,15 @@ def test_heads_fit_each_module_output() -> None:
 def test_shape_probe_leaves_batchnorm_and_modes_alone() -> None:
     backbone = small_backbone()
     stats_before = backbone.blocks[0].bn1.running_mean.clone()
-    modules = build_modules(backbone, [3, 3], FASHION)
+    modules = build_modules(backbone, [5, 4], FASHION)
     assert torch.equal(backbone.blocks[0].bn1.running_mean, stats_before)
     assert backbone.blocks[0].bn1.num_batches_tracked == 0
     assert all(layer.training for m in modules for layer in m.modules())
 
 
-@pytest.mark.parametrize("counts", [[3, 2], [6, 0], [7], []])
+@pytest.mark.parametrize("counts", [[3, 2], [9, 0], [7], []])
 def test_bad_counts_are_rejected(counts: list[int]) -> None:
-    with pytest.raises(ValueError, match="sum to 6 blocks"):
+    with pytest.raises(ValueError, match="sum to 9 blocks"):
         build_modules(small_backbone(), counts, FASHION)
 
 
@@ -83,7 +83,7 @@ def test_init_weights_is_the_papers() -> None:
 
 
 def test_build_modules_applies_the_init() -> None:
-    modules = build_modules(small_backbone(), [3, 3], FASHION)
+    modules = build_modules(small_backbone(), [4, 5], FASHION)
     conv = modules[1].body[0].conv1
     w = conv.weight.flatten(1)  # 16 x 144
     torch.testing.assert_close(w @ w.T, 0.01 * torch.eye(16), atol=1e-6, rtol=0)
@@ -103,7 +103,7 @@ def test_swin_keeps_timms_init() -> None:
 
 @pytest.mark.parametrize("k", [1, 2, 3])
 def test_cut_model_equals_running_the_modules_by_hand(k: int) -> None:
-    modules = build_modules(small_backbone(), [2, 2, 2], FASHION)
+    modules = build_modules(small_backbone(), [3, 3, 3], FASHION)
     for module in modules:
         module.eval()
     x = torch.randn(3, 1, 28, 28)

@@ -23,7 +23,7 @@ MODEL_NAMES: tuple[str, ...] = (
     "km-resnet",
     "swin-tiny",
 )
-SMALL_BLOCKS_PER_STAGE = 2
+SMALL_BLOCKS_PER_STAGE = 3  # 9 blocks: enough for 8 modules in the CPU demo
 RESNET110_BLOCKS_PER_STAGE = 18
 
 
