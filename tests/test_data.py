@@ -52,3 +52,13 @@ def test_missing_dataset_says_how_to_get_it(tmp_path, monkeypatch):
     monkeypatch.setattr(data.datasets.FashionMNIST, "mirrors", ["http://127.0.0.1:9/"])
     with pytest.raises(data.DataError, match="apt-get install -y dataset-fashion-mnist"):
         data.build_datasets(DataConfig(dataset="fashion-mnist", data_dir=str(tmp_path)), seed=0)
+
+
+def test_val_split_is_held_out_of_training_and_replaces_the_test_set():
+    config = DataConfig(dataset="synthetic", synthetic_train=400, val_size=50, train_size=100)
+    train, val, _ = data.build_datasets(config, seed=0)
+    assert len(train) == 100 and len(val) == 50
+    full = data.synthetic(400, data.InputSpec(3, 32, 10), seed=1234)[0]
+    train_rows = {full_row.numpy().tobytes() for full_row in train.images}
+    assert not any(row.numpy().tobytes() in train_rows for row in val.images)
+    assert any(torch.equal(val.images[0], row) for row in full)

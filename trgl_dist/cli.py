@@ -24,6 +24,7 @@ HELP = {
     "dataset": ", ".join(cfg.DATASETS),
     "data-dir": "dataset root (default: ~/.cache/trgl_dist/data)",
     "train-size": "seeded class-balanced subset of the training set (0: all)",
+    "val-size": "hold out N training samples and score on them instead of the test set",
     "epochs": "epochs (per module for sequential/multilap unless --module-epochs-base)",
     "max-steps": "stop after N optimizer steps per module (0: no limit)",
     "lr": "learning rate (0: the paper's default for the regime)",

@@ -58,6 +58,7 @@ class DataConfig:
     dataset: str = "fashion-mnist"
     data_dir: str = ""
     train_size: int = 0
+    val_size: int = 0  # >0: score on this many held-out training samples, not the test set
     batch_size: int = 128
     augment: bool = True
     image_size: int = 0  # imagefolder only: 0 = 224
@@ -246,6 +247,7 @@ def validate(config: Config) -> Config:
     _check_choice("data.dataset", d.dataset, DATASETS)
     _check_positive("data.batch_size", d.batch_size)
     _check_positive("data.train_size", d.train_size, allow_zero=True)
+    _check_positive("data.val_size", d.val_size, allow_zero=True)
     _check_positive("data.workers", d.workers, allow_zero=True)
     _check_choice("optim.optimizer", o.optimizer, OPTIMIZERS)
     _check_choice("optim.schedule", o.schedule, SCHEDULES)

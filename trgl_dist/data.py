@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision import datasets
 from torchvision.datasets.utils import extract_archive
 from torchvision.transforms import v2
@@ -153,6 +153,23 @@ def balanced_subset(targets: Tensor, size: int, seed: int) -> Tensor:
     return torch.cat(chosen).sort().values
 
 
+def split_training_set(targets: Tensor, config: DataConfig, seed: int
+                       ) -> tuple[Tensor, Tensor | None]:
+    """Training indices and, with --val-size, a held-out validation split that replaces the
+    test set for scoring (so hyper-parameters are never tuned on the test set). The
+    validation samples are drawn first; --train-size then samples from the rest."""
+    pool = torch.arange(len(targets))
+    held_out = None
+    if config.val_size:
+        held_out = balanced_subset(targets, config.val_size, seed + 1)
+        mask = torch.ones(len(targets), dtype=torch.bool)
+        mask[held_out] = False
+        pool = pool[mask]
+    if config.train_size:
+        pool = pool[balanced_subset(targets[pool], config.train_size, seed)]
+    return pool, held_out
+
+
 def build_datasets(config: DataConfig, seed: int) -> tuple[IndexedImages, IndexedImages, InputSpec]:
     """Train and test sets (with sample ids) and the input spec they imply."""
     root = Path(config.data_dir).expanduser() if config.data_dir else default_data_dir()
@@ -170,9 +187,10 @@ def build_datasets(config: DataConfig, seed: int) -> tuple[IndexedImages, Indexe
         classes = 100 if name == "cifar100" else 10
         spec = InputSpec(channels=train_x.shape[1], size=train_x.shape[-1], num_classes=classes)
         stats_name = name
-    if config.train_size:
-        keep = balanced_subset(train_y, config.train_size, seed)
-        train_x, train_y = train_x[keep], train_y[keep]
+    keep, held_out = split_training_set(train_y, config, seed)
+    if held_out is not None:
+        test_x, test_y = train_x[held_out], train_y[held_out]
+    train_x, train_y = train_x[keep], train_y[keep]
     train = IndexedImages(
         train_x, train_y, _transforms(stats_name, spec.size, True, config.augment), seed
     )
@@ -220,15 +238,14 @@ def _image_folders(
     )
     train_y = torch.tensor(train_folder.targets)
     images: Any = _FolderImages(train_folder)
-    train = IndexedImages(images, train_y, train_tf, seed)
-    if config.train_size:
-        keep = balanced_subset(train_y, config.train_size, seed)
-        train = IndexedImages(
-            torch.utils.data.Subset(images, keep.tolist()), train_y[keep], train_tf, seed
+    keep, held_out = split_training_set(train_y, config, seed)
+    train = IndexedImages(Subset(images, keep.tolist()), train_y[keep], train_tf, seed)
+    if held_out is not None:
+        test = IndexedImages(Subset(images, held_out.tolist()), train_y[held_out], test_tf, seed)
+    else:
+        test = IndexedImages(
+            _FolderImages(test_folder), torch.tensor(test_folder.targets), test_tf, seed
         )
-    test = IndexedImages(
-        _FolderImages(test_folder), torch.tensor(test_folder.targets), test_tf, seed
-    )
     return train, test, spec
 
 
