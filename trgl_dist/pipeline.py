@@ -174,6 +174,7 @@ def _wire_stage(
         log_every=config.train.log_every,
         device=topology.device,
         inbox=inbox,
+        links=threads,
     )
     return worker, threads
 

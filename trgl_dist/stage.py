@@ -73,9 +73,11 @@ class StageWorker:
         log_every: int,
         device: torch.device,
         inbox: BatchBuffer | None = None,
+        links: Sequence[Any] = (),
     ):
         self.stage, self.learners, self.source, self.outbox = stage, list(learners), source, outbox
         self.send, self.log_every, self.device, self.inbox = send, log_every, device, inbox
+        self.links = links  # the Receiver/Sender threads, for their transfer statistics
         self.clock = StageClock()
         self.tally = self._new_tally(-1)
         self.forwarded: set[int] = set()  # replay: pass each train batch on once, at first use
@@ -227,6 +229,7 @@ class StageWorker:
             "bytes_sent": c.bytes_sent,
             "staleness_mean": staleness,
             **self.memory(),
+            **{key: value for link in self.links for key, value in link.stats().items()},
         }
 
     def memory(self) -> dict[str, float]:
