@@ -275,8 +275,8 @@ def test_sigterm_flushes_and_exits(tmp_path: Path, coordinators: list[Any]) -> N
     metrics = tmp_path / "metrics.jsonl"
     while not (metrics.exists() and metrics.read_text()) and time.monotonic() < deadline:
         time.sleep(0.05)
-    coordinators[-1].terminate()
-    assert exit_code(coordinators) == 128 + signal.SIGTERM
+    coordinators[-1].terminate()  # one SIGTERM: gather for the grace period, then fail
+    assert exit_code(coordinators) == 1
     assert summary_of(tmp_path)["failure"]["cause"] == "interrupted"
     assert [r["kind"] for r in read_metrics(tmp_path / "metrics.jsonl")] == ["train"]
 

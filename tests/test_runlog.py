@@ -230,7 +230,16 @@ def test_a_silent_peer_named_by_peer_lost_is_the_dead_rank() -> None:
     assert failure is not None
     assert (failure["rank"], failure["stage"], failure["cause"]) == (2, 2, "died")
     assert failure["description"] == "stage 2 (rank 2) died without reporting (killed?)"
-    assert failure["reported_by"] == [1, 3]
+    assert failure["reported_by"] == [0, 1, 3]
+
+
+def test_a_rank_silent_among_interrupted_ones_is_the_dead_rank() -> None:
+    # Under torchrun the survivors are SIGTERMed before they notice the lost peer.
+    records = [error(0, "interrupted", None), error(2, "interrupted", None)]
+    failure = diagnose_failure(records, world_size=3)
+    assert failure is not None
+    assert (failure["rank"], failure["cause"]) == (1, "died")
+    assert diagnose_failure(records)["cause"] == "interrupted"  # world size unknown
 
 
 def test_a_peer_that_ended_is_not_blamed() -> None:

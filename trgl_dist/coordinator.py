@@ -218,6 +218,7 @@ class _Collector:
         self.first_error_at: float | None = None
         self.parent_lost = False
         self.signal: int | None = None
+        self.signals = 0
         self.progress = ProgressLine(num_modules, settings.progress_interval_s)
         self.last_record_at = self.last_parent_check = time.monotonic()
 
@@ -240,6 +241,7 @@ class _Collector:
 
         def on_signal(signum: int, frame: FrameType | None) -> None:
             self.signal = signum
+            self.signals += 1
 
         signal.signal(signal.SIGINT, on_signal)
         signal.signal(signal.SIGTERM, on_signal)
@@ -276,9 +278,12 @@ class _Collector:
 
     def _outcome(self, now: float) -> tuple[str, dict[str, Any] | None] | None:
         """(how it ended, failure) once the run is over; None while it goes on."""
-        if self.signal is not None:
-            name = signal.Signals(self.signal).name
-            return "signal", failure_info(None, None, "interrupted", f"coordinator got {name}")
+        if self.signals > 1:  # asked twice: stop now, with what is known
+            return "failed", self._diagnose()
+        if self.signal is not None and self.first_error_at is None:
+            # The launcher stops every process at once (torchrun after a rank died, or
+            # Ctrl-C): keep gathering the stages' last reports for the grace period.
+            self.first_error_at = now
         self._check_parent(now)
         # rank r runs stage r: a report from either names the same process
         reported = {r.get("rank", r.get("stage")) for r in self.reports}
@@ -313,11 +318,17 @@ class _Collector:
         return "failed", failure_info(None, None, "idle", description)
 
     def _diagnose(self) -> dict[str, Any]:
-        failure = diagnose_failure(self.reports)
-        if failure is None:  # no stage said anything: the parent (rank 0) vanished
-            description = "stage 0 (rank 0) died without reporting (killed?): parent process gone"
-            failure = failure_info(0, 0, "died", description)
-        return failure
+        failure = diagnose_failure(self.reports, self.world_size)
+        if failure is not None:
+            return failure
+        if self.signal is not None:
+            name = signal.Signals(self.signal).name
+            return failure_info(
+                None, None, "interrupted", f"stopped by {name} (Ctrl-C or launcher)"
+            )
+        # no stage said anything: the parent (rank 0) vanished
+        description = "stage 0 (rank 0) died without reporting (killed?): parent process gone"
+        return failure_info(0, 0, "died", description)
 
     def _finish(self, how: str, failure: dict[str, Any] | None) -> int:
         self.runlog.close()
@@ -326,9 +337,6 @@ class _Collector:
         extra = {**self.extra, "failure": failure, "coordinator": stats}
         summary = summarize(records, regime=self.regime, num_modules=self.num_modules, extra=extra)
         write_summary(self.runlog.run_dir, summary)
-        if how == "signal":
-            logger.info("stopped by signal; metrics and summary.json flushed")
-            return 128 + (self.signal or 0)
         try:
             write_report(self.runlog.run_dir, records, summary)
         except Exception:  # a plotting problem must not turn a finished run into a failed one

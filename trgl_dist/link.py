@@ -105,7 +105,7 @@ class Receiver(_LinkThread):
                 return
 
     def _on_failure(self, exc: BaseException) -> None:
-        logger.error("%s: receiving from rank %d failed: %s", self.name, self.peer, _describe(exc))
+        logger.debug("%s: receiving from rank %d failed: %s", self.name, self.peer, _describe(exc))
         self.inbox.fail(PeerFailure(self.peer, _describe(exc)))
 
 
@@ -149,5 +149,5 @@ class Sender(_LinkThread):
                 return
 
     def _on_failure(self, exc: BaseException) -> None:
-        logger.error("%s: sending to rank %d failed: %s", self.name, self.peer, _describe(exc))
+        logger.debug("%s: sending to rank %d failed: %s", self.name, self.peer, _describe(exc))
         self.outbox.fail(PeerFailure(self.peer, _describe(exc)))

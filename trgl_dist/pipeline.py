@@ -5,9 +5,13 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import sys
 import threading
 from collections.abc import Iterator
+from dataclasses import dataclass
+from multiprocessing.process import BaseProcess
+from types import FrameType
 from typing import Any
 
 import torch
@@ -17,7 +21,7 @@ from trgl_dist import topology as topo
 from trgl_dist.buffer import BatchBuffer
 from trgl_dist.config import Config, ConfigError, write_toml
 from trgl_dist.coordinator import start_coordinator
-from trgl_dist.data import build_datasets
+from trgl_dist.data import DataError, build_datasets
 from trgl_dist.feed import batch_stream, inbox_stream
 from trgl_dist.learner import ModuleLearner, taus
 from trgl_dist.link import PeerFailure, Receiver, Sender
@@ -73,56 +77,98 @@ def _source(
     return inbox_stream(inbox)
 
 
+class Interrupted(Exception):
+    """The launcher stopped this rank (SIGTERM: torchrun does so once any rank has failed)."""
+
+
+def _on_sigterm(signum: int, frame: FrameType | None) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # once: teardown must not be interrupted
+    raise Interrupted("stopped by SIGTERM")
+
+
+@dataclass
+class _Services:
+    """What a rank must close on the way out."""
+
+    coordinator: BaseProcess | None = None
+    client: MetricsClient | None = None
+
+
 def run_pipeline(config: Config) -> int:
-    """One stage of the pipeline. Returns the process exit code."""
+    """One stage of the pipeline. Returns the process exit code (0, 1, 2 or 130)."""
     topology = topo.init_distributed()
     logging.getLogger().handlers[0].setFormatter(
         logging.Formatter(f"%(asctime)s [stage {topology.stage}] %(message)s", "%H:%M:%S")
     )
-    coordinator = None
-    client: MetricsClient | None = None
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    services = _Services()
     try:
-        learners, data = build_stage(config, topology)
-        info: dict[str, str] = {}
-        if topology.is_first:
-            from trgl_dist.train import run_directory
-
-            run_dir = run_directory(config)
-            write_toml(config, run_dir / "config.toml")
-            coordinator, address = start_coordinator(
-                run_dir,
-                world_size=topology.world_size,
-                num_modules=config.model.modules,
-                regime="pipeline",
-                bind=config.pipeline.coordinator,
-                extra={"blocks_per_module": data[2]},
-            )
-            info = {"address": address, "run_dir": str(run_dir)}
-            log.info(
-                "%d stages, modules of %s blocks, run directory %s",
-                topology.world_size,
-                data[2],
-                run_dir,
-            )
-        info = _share_run_info(topology, info)
-        client = MetricsClient(info["address"])
-        run_stage(config, topology, learners, data, client.send)
+        _train(config, topology, services)
         code = 0
-    except PeerFailure as err:
-        _report(client, topology, "peer-lost", str(err), err.peer)
-        code = 1
-    except (Exception, KeyboardInterrupt) as err:
-        message = f"{type(err).__name__}: {err}" if not isinstance(err, ConfigError) else str(err)
-        print(f"error: stage {topology.stage} (rank {topology.rank}): {message}", file=sys.stderr)
-        _report(client, topology, "exception", message, None)
-        code = (
-            2 if isinstance(err, ConfigError) else 130 if isinstance(err, KeyboardInterrupt) else 1
+    except BaseException as err:  # noqa: BLE001 - every failure ends in one report and exit code
+        code = _failed(err, topology, services.client)
+    return _teardown(code, services)
+
+
+def _train(config: Config, topology: topo.Topology, services: _Services) -> None:
+    learners, data = build_stage(config, topology)
+    info: dict[str, str] = {}
+    if topology.is_first:
+        from trgl_dist.train import run_directory
+
+        run_dir = run_directory(config)
+        write_toml(config, run_dir / "config.toml")
+        services.coordinator, address = start_coordinator(
+            run_dir,
+            world_size=topology.world_size,
+            num_modules=config.model.modules,
+            regime="pipeline",
+            bind=config.pipeline.coordinator,
+            extra={"blocks_per_module": data[2]},
         )
-    if client is not None:
-        client.close()
-    if coordinator is not None:
-        coordinator.join(COORDINATOR_WAIT_S)
-        if coordinator.exitcode != 0:
+        info = {"address": address, "run_dir": str(run_dir)}
+        log.info(
+            "%d stages, modules of %s blocks, run directory %s",
+            topology.world_size,
+            data[2],
+            run_dir,
+        )
+    info = _share_run_info(topology, info)
+    services.client = MetricsClient(info["address"])
+    run_stage(config, topology, learners, data, services.client.send)
+
+
+def _failed(err: BaseException, topology: topo.Topology, client: MetricsClient | None) -> int:
+    """Report a failure to the coordinator; only a rank's own error is printed here (the
+    coordinator names the root cause once for the whole run)."""
+    where = f"stage {topology.stage} (rank {topology.rank})"
+    if isinstance(err, ConfigError | DataError):
+        if topology.is_first:  # every rank has the same config: say it once
+            print(f"error: {err}", file=sys.stderr)
+        return 2
+    if isinstance(err, PeerFailure):
+        log.debug("stopping: %s", err)
+        _report(client, topology, "peer-lost", str(err), err.peer)
+        return 1
+    if isinstance(err, Interrupted | KeyboardInterrupt):
+        _report(client, topology, "interrupted", str(err) or "interrupted", None)
+        return 130
+    message = f"{type(err).__name__}: {err}"
+    print(f"error: {where}: {message}", file=sys.stderr)
+    log.debug("traceback", exc_info=err)
+    _report(client, topology, "exception", message, None)
+    return 1
+
+
+def _teardown(code: int, services: _Services) -> int:
+    # The launcher's SIGTERM (sent once any rank failed) must not cut the wait for the
+    # coordinator, which is gathering the reports that name the failure.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if services.client is not None:
+        services.client.close()
+    if services.coordinator is not None:
+        services.coordinator.join(COORDINATOR_WAIT_S)
+        if services.coordinator.exitcode != 0:
             code = code or 1
     if code != 0:
         # Link threads may sit in a blocking send/recv that only the peer's exit releases:

@@ -231,11 +231,15 @@ def failure_info(
     }
 
 
-def diagnose_failure(records: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
+def diagnose_failure(
+    records: Sequence[dict[str, Any]], world_size: int | None = None
+) -> dict[str, Any] | None:
     """The root cause among error records, or None when there is none.
 
-    A raised exception is the cause. Otherwise a peer named in "peer-lost" reports that
-    itself reported neither error nor end is the rank that died (killed or crashed hard).
+    A raised exception is the cause. Otherwise the rank that died is one that never
+    reported (neither error nor end): first one named in "peer-lost" reports, else, when
+    ``world_size`` is known, any silent rank. Stages stopped by a signal ("interrupted",
+    e.g. the launcher's SIGTERM after another rank died) are never the cause if another is found.
     """
     errors = _of_kind(records, "error")
     if not errors:
@@ -246,18 +250,20 @@ def diagnose_failure(records: Sequence[dict[str, Any]]) -> dict[str, Any] | None
             description = f"stage {stage} (rank {rank}) raised: {message}"
             return failure_info(stage, rank, "exception", description, message)
     reported = {_reporter(r) for r in records if r.get("kind") in ("error", "end")}
-    silent_peers = Counter(
+    silent = Counter(
         e["peer"]
         for e in errors
         if e.get("cause") == "peer-lost" and e.get("peer") is not None and e["peer"] not in reported
     )
-    if silent_peers:
-        dead = silent_peers.most_common(1)[0][0]
+    if not silent and world_size is not None:
+        silent.update(rank for rank in range(world_size) if rank not in reported)
+    if silent:
+        dead = silent.most_common(1)[0][0]
         description = f"stage {dead} (rank {dead}) died without reporting (killed?)"
         failure = failure_info(dead, dead, "died", description)
-        failure["reported_by"] = sorted(_reporter(e) for e in errors if e.get("peer") == dead)
+        failure["reported_by"] = sorted(_reporter(e) for e in errors)
         return failure
-    first = errors[0]
+    first = next((e for e in errors if e.get("cause") != "interrupted"), errors[0])
     stage, rank, cause = first.get("stage"), _reporter(first), str(first.get("cause"))
     message = str(first.get("message", ""))
     description = f"stage {stage} (rank {rank}) {cause}: {message}"

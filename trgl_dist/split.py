@@ -1,21 +1,35 @@
 """How a backbone's blocks are divided into K consecutive modules.
 
-``equal-depth`` divides the block count as evenly as possible; ``equal-params`` and
-``equal-memory`` balance a per-block cost with an exact contiguous partition. An
-explicit list of block counts always wins.
+``equal-depth`` divides the block count as evenly as possible; ``equal-params``,
+``equal-memory`` and ``equal-time`` balance a per-block cost with an exact contiguous
+partition. An explicit list of block counts always wins.
+
+Cost model of ``equal-time``: a module's training step costs the forward+backward time
+of its blocks (the stem counted into block 0) plus that of ONE auxiliary head with its
+loss, placed after the module's last block, so a head is charged once per module, at
+the feature shape where it runs. Times are measured at the configured batch size with
+one thread: a warm-up run, then the median of a few. The optimizer step is not counted.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import copy
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
+from trgl_dist.heads import build_head
 from trgl_dist.models import Backbone, Block, InputSpec
 
-SPLIT_KINDS = ("equal-depth", "equal-params", "equal-memory")
-COST_KINDS = ("params", "memory")
+SPLIT_KINDS = ("equal-depth", "equal-params", "equal-memory", "equal-time")
+COST_KINDS = ("params", "memory", "time")
+#: Timed runs per block after one warm-up run; the median is kept.
+TIME_REPEATS = 3
+GroupCost = Callable[[int, int], float]
 #: Bytes per float32 element.
 FLOAT_BYTES = 4
 #: Copies of each parameter held while training: the weight, its gradient and up to two
@@ -44,65 +58,74 @@ def is_within(value: float, bound: float) -> bool:
     return value <= bound + TIE_TOLERANCE * max(abs(bound), 1.0)
 
 
-def min_max_group_sum(prefix: Sequence[float], num_modules: int) -> float:
-    """The smallest achievable largest group sum (exact DP over contiguous splits)."""
-    n = len(prefix) - 1
+def min_max_group_sum(group: GroupCost, n: int, num_modules: int) -> float:
+    """The smallest achievable largest group cost (exact DP over contiguous splits)."""
     inf = float("inf")
-    # best[k][i]: smallest max group sum splitting the first i costs into k groups.
+    # best[k][i]: smallest max group cost splitting the first i blocks into k groups.
     best = [[inf] * (n + 1) for _ in range(num_modules + 1)]
     best[0][0] = 0.0
     for k in range(1, num_modules + 1):
         for i in range(k, n - num_modules + k + 1):
-            best[k][i] = min(max(best[k - 1][j], prefix[i] - prefix[j]) for j in range(k - 1, i))
+            best[k][i] = min(max(best[k - 1][j], group(j, i)) for j in range(k - 1, i))
     return best[num_modules][n]
 
 
-def balanced_partition(costs: Sequence[float], num_modules: int) -> list[int]:
+def balanced_partition(
+    costs: Sequence[float], num_modules: int, tails: Sequence[float] | None = None
+) -> list[int]:
     """Contiguous partition of ``costs`` into K non-empty groups; returns block counts.
 
-    First minimizes the largest group sum. Among the optimal partitions, it then prefers
-    the most even one (smallest sum of squared group sums), then the one whose earlier
-    groups hold more blocks, so equal costs give exactly :func:`equal_depth`.
+    A group's cost is the sum of its blocks' costs, plus ``tails[j]`` when its last block
+    is j (equal-time: the head that runs after it). First minimizes the largest group
+    cost. Among the optimal partitions, it then prefers the most even one (smallest sum of
+    squared group costs), then the one whose earlier groups hold more blocks, so equal
+    costs give exactly :func:`equal_depth`.
     """
     n = len(costs)
     check_feasible(n, num_modules)
+    if tails is not None and len(tails) != n:
+        raise ValueError(f"{len(tails)} tail costs for {n} blocks")
     prefix = [0.0]
     for cost in costs:
         prefix.append(prefix[-1] + float(cost))
-    bound = min_max_group_sum(prefix, num_modules)
-    # rest[k][i]: smallest sum of squares splitting costs[i:] into k groups within bound.
+    tail = [0.0] * n if tails is None else [float(t) for t in tails]
+
+    def group(start: int, end: int) -> float:
+        return prefix[end] - prefix[start] + tail[end - 1]
+
+    bound = min_max_group_sum(group, n, num_modules)
+    # rest[k][i]: smallest sum of squares splitting blocks[i:] into k groups within bound.
     rest = [[float("inf")] * (n + 1) for _ in range(num_modules + 1)]
     rest[0][n] = 0.0
     for k in range(1, num_modules + 1):
         for i in range(n - k, -1, -1):
-            rest[k][i] = min_sum_of_squares(prefix, rest[k - 1], bound, i, n - k + 1)
-    return largest_first_counts(prefix, rest, bound, num_modules)
+            rest[k][i] = min_sum_of_squares(group, rest[k - 1], bound, i, n - k + 1)
+    return largest_first_counts(group, n, rest, bound, num_modules)
 
 
 def min_sum_of_squares(
-    prefix: Sequence[float], rest_after: list[float], bound: float, start: int, last_end: int
+    group: GroupCost, rest_after: list[float], bound: float, start: int, last_end: int
 ) -> float:
-    """Best (group sum squared + rest) over groups costs[start:end], end <= last_end."""
+    """Best (group cost squared + rest) over groups blocks[start:end], end <= last_end."""
     candidates = (
-        (prefix[end] - prefix[start]) ** 2 + rest_after[end]
+        group(start, end) ** 2 + rest_after[end]
         for end in range(start + 1, last_end + 1)
-        if is_within(prefix[end] - prefix[start], bound)
+        if is_within(group(start, end), bound)
     )
     return min(candidates, default=float("inf"))
 
 
 def largest_first_counts(
-    prefix: Sequence[float], rest: list[list[float]], bound: float, num_modules: int
+    group: GroupCost, n: int, rest: list[list[float]], bound: float, num_modules: int
 ) -> list[int]:
     """Rebuild the optimal partition, giving each group as many blocks as it can take."""
-    n = len(prefix) - 1
     counts: list[int] = []
     i = 0
     for k in range(num_modules, 0, -1):
         target = rest[k][i]
         for j in range(n - k + 1, i, -1):  # largest group first: deterministic tie-break
-            group = prefix[j] - prefix[i]
-            if is_within(group, bound) and is_within(group**2 + rest[k - 1][j], target):
+            cost = group(i, j)
+            if is_within(cost, bound) and is_within(cost**2 + rest[k - 1][j], target):
                 counts.append(j - i)
                 i = j
                 break
@@ -160,10 +183,95 @@ def memory_costs(backbone: Backbone, spec: InputSpec, batch_size: int) -> list[f
     return [per_layer[0] + per_layer[1], *per_layer[2:]]
 
 
+@dataclass(frozen=True)
+class TimeProfile:
+    """Forward+backward seconds of each block (stem in block 0) and of a head after it."""
+
+    blocks: list[float]
+    heads: list[float]  # heads[j]: a head (and its loss) on block j's output
+
+
+def median_seconds(run: Callable[[], None], repeats: int = TIME_REPEATS) -> float:
+    run()  # warm-up: allocator and kernel selection
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def block_pass(layer: nn.Module, x: Tensor) -> Callable[[], None]:
+    """One forward+backward of a stem or block, with a TRGL-like loss on output and residues."""
+
+    def run() -> None:
+        out = layer(x)
+        h, residues = out if isinstance(layer, Block) else (out, [])
+        loss = h.float().mean() + sum((r.float().pow(2).mean() for r in residues), h.new_zeros(()))
+        loss.backward()
+        layer.zero_grad(set_to_none=True)
+        x.grad = None
+
+    return run
+
+
+def head_pass(head: nn.Module, h: Tensor, num_classes: int) -> Callable[[], None]:
+    """One forward+backward of a head with its cross-entropy, the gradient reaching ``h``."""
+    y = torch.arange(len(h)) % num_classes
+
+    def run() -> None:
+        nn.functional.cross_entropy(head(h), y).backward()
+        head.zero_grad(set_to_none=True)
+        h.grad = None
+
+    return run
+
+
+def profile_times(
+    backbone: Backbone, spec: InputSpec, batch_size: int, head: str, repeats: int = TIME_REPEATS
+) -> TimeProfile:
+    """Time every block and a head after it, one thread, on copies (the model is untouched,
+    its BatchNorm statistics and the global RNG too)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.random.fork_rng(devices=[]), torch.enable_grad():
+            return _profile(backbone, spec, batch_size, head, repeats)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _profile(
+    backbone: Backbone, spec: InputSpec, batch_size: int, head: str, repeats: int
+) -> TimeProfile:
+    x = torch.rand(batch_size, spec.channels, spec.size, spec.size)
+    layers: list[nn.Module] = [backbone.stem, *backbone.blocks]
+    seconds: list[float] = []
+    heads: list[float] = []
+    by_shape: dict[tuple[int, ...], float] = {}  # blocks of one resolution share a head cost
+    for index, layer in enumerate(layers):
+        probe = copy.deepcopy(layer).train()
+        x = x.detach().requires_grad_(index > 0)  # the data needs no gradient
+        seconds.append(median_seconds(block_pass(probe, x), repeats))
+        with torch.no_grad():
+            out = probe(x)
+        x = out[0] if isinstance(probe, Block) else out
+        shape = tuple(x.shape[1:])
+        if index > 0 and shape not in by_shape:
+            aux = build_head(head, shape, spec.num_classes, backbone.layout).train()
+            h = x.detach().requires_grad_(True)
+            by_shape[shape] = median_seconds(head_pass(aux, h, spec.num_classes), repeats)
+        if index > 0:
+            heads.append(by_shape[shape])
+    return TimeProfile([seconds[0] + seconds[1], *seconds[2:]], heads)
+
+
 def block_costs(
-    backbone: Backbone, spec: InputSpec, kind: str, batch_size: int = 64
+    backbone: Backbone, spec: InputSpec, kind: str, batch_size: int = 64, head: str = "1cnn"
 ) -> list[float]:
-    """One cost per block: ``params`` (parameter count) or ``memory`` (training bytes).
+    """One cost per block: ``params`` (parameter count), ``memory`` (training bytes) or
+    ``time`` (forward+backward seconds at ``batch_size``, heads excluded: see
+    :func:`profile_times` for those).
 
     The stem's cost is added to block 0's, since the stem belongs to module 1.
     """
@@ -173,6 +281,8 @@ def block_costs(
         return costs
     if kind == "memory":
         return memory_costs(backbone, spec, batch_size)
+    if kind == "time":
+        return profile_times(backbone, spec, batch_size, head).blocks
     raise ValueError(f"unknown block cost {kind!r}; choose one of {', '.join(COST_KINDS)}")
 
 
@@ -195,8 +305,15 @@ def split_blocks(
     spec: InputSpec,
     num_modules: int,
     explicit: Sequence[int] = (),
+    *,
+    batch_size: int = 128,
+    head: str = "1cnn",
+    profiler: Callable[[Backbone, InputSpec, int, str], TimeProfile] = profile_times,
 ) -> list[int]:
-    """Blocks per module for ``num_modules`` modules; ``explicit`` counts win when given."""
+    """Blocks per module for ``num_modules`` modules; ``explicit`` counts win when given.
+
+    ``batch_size`` and ``head`` shape the equal-time profile, taken by ``profiler``.
+    """
     num_blocks = len(backbone.blocks)
     check_feasible(num_blocks, num_modules, backbone.name)
     if explicit:
@@ -207,4 +324,7 @@ def split_blocks(
         return balanced_partition(block_costs(backbone, spec, "params"), num_modules)
     if kind == "equal-memory":
         return balanced_partition(block_costs(backbone, spec, "memory"), num_modules)
+    if kind == "equal-time":
+        profile = profiler(backbone, spec, batch_size, head)
+        return balanced_partition(profile.blocks, num_modules, tails=profile.heads)
     raise ValueError(f"unknown split {kind!r}; choose one of {', '.join(SPLIT_KINDS)}")

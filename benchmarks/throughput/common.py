@@ -1,0 +1,128 @@
+"""What every throughput experiment shares: the run's settings, the model, the batch stream."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from trgl_dist.config import Config
+from trgl_dist.data import build_datasets, make_loader
+from trgl_dist.learner import ModuleLearner, taus
+from trgl_dist.modules import LocalModule
+from trgl_dist.network import build_network
+
+
+@dataclass(frozen=True)
+class Setting:
+    """Model, data and work: identical for every experiment of one benchmark run."""
+
+    model: str = "resnet110"
+    width: int = 0
+    modules: int = 2
+    split_counts: tuple[int, ...] = ()
+    batch_size: int = 64
+    steps: int = 30  # optimizer steps per module, warm-up included
+    warmup: int = 3  # steps excluded from the in-process timings
+    seed: int = 0
+
+    def flags(self) -> list[str]:
+        """The trgl_dist.train flags of this setting (synthetic data, one small test batch)."""
+        flags = [
+            "--model", self.model, "--modules", str(self.modules), "--dataset", "synthetic",
+            "--batch-size", str(self.batch_size), "--max-steps", str(self.steps),
+            "--seed", str(self.seed), "--synthetic-train", str(self.train_samples()),
+            "--synthetic-test", str(self.batch_size), "--log-every", str(self.steps),
+            "--width", str(self.width),
+        ]  # fmt: skip
+        if self.split_counts:
+            flags += ["--split-counts", ",".join(map(str, self.split_counts))]
+        return flags
+
+    def train_samples(self) -> int:
+        """One epoch holds every step: no epoch boundary (test pass) inside the timing."""
+        return self.batch_size * self.steps
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @staticmethod
+    def from_json(text: str) -> Setting:
+        raw = json.loads(text)
+        raw["split_counts"] = tuple(raw["split_counts"])
+        return Setting(**raw)
+
+
+def setting_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--setting", type=Setting.from_json, required=True, help="Setting JSON")
+
+
+def config_of(setting: Setting, regime: str) -> Config:
+    """The package's own config for this setting, as trgl_dist.train would resolve it."""
+    from trgl_dist import cli
+
+    config, _ = cli.parse([*setting.flags(), "--regime", regime])
+    return config
+
+
+def build(setting: Setting, regime: str) -> tuple[Config, list[LocalModule], Any]:
+    """Config, the K modules (seeded like trgl_dist.train) and the training set."""
+    config = config_of(setting, regime)
+    torch.manual_seed(config.train.seed)
+    train_set, _test_set, spec = build_datasets(config.data, config.train.seed)
+    modules, _counts = build_network(config, spec)
+    return config, modules, train_set
+
+
+def learners_of(config: Config, modules: list[LocalModule]) -> list[ModuleLearner]:
+    tau = taus(config, len(modules))
+    return [ModuleLearner(k, m, config, tau[k], 1) for k, m in enumerate(modules)]
+
+
+def batches(config: Config, train_set: Any) -> Iterator[tuple[Tensor, Tensor]]:
+    """The training batches of epoch 0, through the same loader as every regime."""
+    loader = make_loader(
+        train_set, config.data.batch_size, train=True, seed=config.train.seed, epoch=0
+    )
+    for x, y, _ids in loader:
+        yield x, y
+
+
+def timed_steps(step: Callable[[Tensor, Tensor], None], data: Iterator, setting: Setting) -> dict:
+    """Run ``setting.steps`` steps (loading included); time the ones after the warm-up."""
+    started = 0.0
+    samples = 0
+    for index, (x, y) in enumerate(data):
+        if index == setting.warmup:
+            started = time.perf_counter()
+        step(x, y)
+        if index >= setting.warmup:
+            samples += len(y)
+        if index + 1 >= setting.steps:
+            break
+    seconds = time.perf_counter() - started
+    return {"samples_per_s": samples / seconds, "timed_steps": setting.steps - setting.warmup}
+
+
+def median_step_seconds(step: Callable[[], None], warmup: int, repeats: int) -> float:
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def write_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2) + "\n")

@@ -1,0 +1,97 @@
+"""Starting one experiment: a subprocess with a deadline, optionally under the machine's lock."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from common import Setting
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
+log = logging.getLogger("throughput")
+
+
+@contextlib.contextmanager
+def locked(path: Path | None) -> Iterator[None]:
+    """Hold ``path`` (flock) so no other heavy measurement overlaps this one."""
+    if path is None:
+        yield
+        return
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def environment(threads: int) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH", "")]))
+    env["OMP_NUM_THREADS"] = str(threads)
+    return env
+
+
+def run_command(command: list[str], threads: int, timeout: float, lock: Path | None) -> None:
+    """Run ``command``; its output is kept and shown only when it fails."""
+    log.info("$ %s", " ".join(command))
+    with locked(lock):
+        done = subprocess.run(
+            command,
+            cwd=REPO,
+            env=environment(threads),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+    if done.returncode != 0:
+        raise RuntimeError(
+            f"{' '.join(command[:6])}... exited {done.returncode}:\n{done.stderr[-3000:]}"
+        )
+
+
+def torchrun(nproc: int) -> list[str]:
+    return [
+        sys.executable, "-m", "torch.distributed.run", "--standalone",
+        f"--nproc_per_node={nproc}",
+    ]  # fmt: skip
+
+
+def local(
+    setting: Setting, mode: str, out: Path, timeout: float, lock: Path | None, **options: Any
+) -> dict[str, Any]:
+    """One in-process timing of local.py (e2e, parallel or stages)."""
+    command = [sys.executable, str(HERE / "local.py"), "--setting", setting.to_json()]
+    command += ["--mode", mode, "--out", str(out)]
+    for key, value in options.items():
+        command += [f"--{key}", str(value)]
+    run_command(command, int(options.get("threads", 1)), timeout, lock)
+    return json.loads(out.read_text())
+
+
+def gpipe(
+    setting: Setting, schedule: str, microbatches: int, out: Path, timeout: float, lock: Path | None
+) -> dict[str, Any]:
+    """Experiment (d) under torchrun, one rank per stage."""
+    command = [*torchrun(setting.modules), str(HERE / "gpipe.py"), "--setting", setting.to_json()]
+    command += ["--schedule", schedule, "--microbatches", str(microbatches), "--out", str(out)]
+    run_command(command, 1, timeout, lock)
+    return json.loads(out.read_text())
+
+
+def pipeline(setting: Setting, run_dir: Path, timeout: float, lock: Path | None) -> Path:
+    """Experiment (c): the real CLI under torchrun; returns the run directory."""
+    command = [*torchrun(setting.modules), "-m", "trgl_dist.train", *setting.flags()]
+    command += ["--out", str(run_dir)]
+    run_command(command, 1, timeout, lock)
+    return run_dir

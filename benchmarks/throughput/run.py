@@ -1,0 +1,151 @@
+"""Throughput benchmark: E2E, lock-step parallel, our pipeline and torch.distributed.pipelining.
+
+Experiments, all on one model, batch size and number of steps (synthetic data):
+  (a) e2e        E2E back-propagation in one process, at each thread count (best reported)
+  (b) parallel   the lock-step `parallel` regime in one process
+  (c) pipeline   `torchrun -m trgl_dist.train`, one stage per rank, equal-depth and equal-time
+  (d) pipelining the same stages E2E under torch.distributed.pipelining (GPipe, 1F1B)
+plus each stage's standalone step time (the efficiency bound) and the equal-time profile.
+Writes results/<name>.json and results/<name>.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(1, str(Path(__file__).resolve().parents[2]))
+
+import launch  # noqa: E402
+from analysis import pipeline_numbers  # noqa: E402
+from common import Setting, config_of, write_json  # noqa: E402
+from tables import environment_info, markdown  # noqa: E402
+
+from trgl_dist.data import build_datasets  # noqa: E402
+from trgl_dist.models import build_backbone  # noqa: E402
+from trgl_dist.split import balanced_partition, equal_depth, profile_times  # noqa: E402
+
+log = logging.getLogger("throughput")
+PRESETS: dict[str, dict[str, Any]] = {
+    "full": {"model": "resnet110", "width": 0, "batch_size": 32, "steps": 24, "warmup": 4,
+             "ks": (2, 4), "microbatches": (2, 4, 8), "threads": (1, 2)},
+    "quick": {"model": "resnet-small", "width": 16, "batch_size": 32, "steps": 16, "warmup": 3,
+              "ks": (2, 4), "microbatches": (2, 4), "threads": (1, 2)},
+    "tiny": {"model": "resnet-small", "width": 4, "batch_size": 8, "steps": 4, "warmup": 1,
+             "ks": (2,), "microbatches": (2,), "threads": (1,)},
+}  # fmt: skip
+SPLITS = ("equal-depth", "equal-time")
+TIMEOUT_S = 900.0
+
+
+def equal_time_counts(setting: Setting, ks: tuple[int, ...], lock: Path | None) -> dict:
+    """Profile the blocks once (one thread, at the batch size) and split for every K."""
+    config = config_of(setting, "parallel")
+    _, _, spec = build_datasets(config.data, config.train.seed)
+    backbone = build_backbone(setting.model, spec, num_modules=max(ks), width=setting.width)
+    with launch.locked(lock):
+        profile = profile_times(backbone, spec, setting.batch_size, config.model.head)
+    return {
+        "block_ms": [1e3 * s for s in profile.blocks],
+        "head_ms": [1e3 * s for s in profile.heads],
+        "counts": {
+            str(k): balanced_partition(profile.blocks, k, tails=profile.heads) for k in ks
+        },
+    }
+
+
+def best(results: list[dict[str, Any]]) -> dict[str, Any]:
+    return max(results, key=lambda r: r["samples_per_s"])
+
+
+def measure_k(base: Setting, k: int, counts: list[int], args: argparse.Namespace, tmp: Path) -> dict:
+    """(b), (c) for both splits, and (d), at K stages (one module per stage)."""
+    preset, lock = PRESETS[args.preset], args.lock
+    out: dict[str, Any] = {"parallel": [], "splits": {}, "pipelining": []}
+    by_split = {"equal-depth": equal_depth(sum(counts), k), "equal-time": counts}
+    for threads in preset["threads"]:
+        setting = dataclasses.replace(base, modules=k)
+        out["parallel"].append(
+            launch.local(setting, "parallel", tmp / f"b{k}{threads}.json", TIMEOUT_S, lock,
+                         threads=threads)  # fmt: skip
+        )
+    for split, blocks in by_split.items():
+        setting = dataclasses.replace(base, modules=k, split_counts=tuple(blocks))
+        stages = launch.local(setting, "stages", tmp / f"s{k}{split}.json", TIMEOUT_S, lock,
+                              stages=k)  # fmt: skip
+        run_dir = launch.pipeline(setting, tmp / f"c{k}{split}", TIMEOUT_S, lock)
+        numbers = pipeline_numbers(run_dir, base.batch_size, stages["stage_step_s"])
+        numbers["cpu_bound_samples_per_s"] = (
+            base.batch_size * min(k, os.cpu_count() or 1) / sum(stages["stage_step_s"])
+        )
+        out["splits"][split] = numbers
+    depth = dataclasses.replace(base, modules=k, split_counts=tuple(by_split["equal-depth"]))
+    for schedule in ("gpipe", "1f1b"):
+        for m in preset["microbatches"]:
+            path = tmp / f"d{k}{schedule}{m}.json"
+            out["pipelining"].append(launch.gpipe(depth, schedule, m, path, TIMEOUT_S, lock))
+    return out
+
+
+def ratios(result: dict[str, Any]) -> None:
+    """c/a and c/d for every K and split (d: the best schedule and micro-batch count)."""
+    a = result["e2e_best"]["samples_per_s"]
+    for per_k in result["per_k"].values():
+        d = best(per_k["pipelining"])["samples_per_s"]
+        per_k["parallel_best"] = best(per_k["parallel"])
+        for numbers in per_k["splits"].values():
+            numbers["c_over_a"] = numbers["samples_per_s"] / a
+            numbers["c_over_d"] = numbers["samples_per_s"] / d
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    preset = PRESETS[args.preset]
+    base = Setting(
+        model=preset["model"], width=preset["width"], modules=2,
+        batch_size=preset["batch_size"], steps=preset["steps"], warmup=preset["warmup"],
+    )  # fmt: skip
+    result: dict[str, Any] = {"preset": args.preset, "setting": dataclasses.asdict(base)}
+    result["environment"] = environment_info(args.command)
+    with tempfile.TemporaryDirectory(prefix="throughput-") as name:
+        tmp = Path(name)
+        result["equal_time"] = equal_time_counts(base, preset["ks"], args.lock)
+        result["e2e"] = [
+            launch.local(base, "e2e", tmp / f"a{t}.json", TIMEOUT_S, args.lock, threads=t)
+            for t in preset["threads"]
+        ]
+        result["e2e_best"] = best(result["e2e"])
+        result["per_k"] = {
+            str(k): measure_k(base, k, result["equal_time"]["counts"][str(k)], args, tmp)
+            for k in preset["ks"]
+        }
+    ratios(result)
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small model, under 3 minutes")
+    parser.add_argument("--tiny", action="store_true", help="smoke-test sizes, seconds")
+    parser.add_argument("--results", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument("--lock", type=Path, default=None, help="flock file held per experiment")
+    args = parser.parse_args(argv)
+    args.preset = "tiny" if args.tiny else "quick" if args.quick else "full"
+    args.command = " ".join(["python", "benchmarks/throughput/run.py", *(argv or sys.argv[1:])])
+    result = run(args)
+    name = "throughput" if args.preset == "full" else f"throughput_{args.preset}"
+    write_json(args.results / f"{name}.json", result)
+    (args.results / f"{name}.md").write_text(markdown(result))
+    log.info("wrote %s", args.results / f"{name}.md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
