@@ -62,3 +62,16 @@ def test_val_split_is_held_out_of_training_and_replaces_the_test_set():
     train_rows = {full_row.numpy().tobytes() for full_row in train.images}
     assert not any(row.numpy().tobytes() in train_rows for row in val.images)
     assert any(torch.equal(val.images[0], row) for row in full)
+
+
+def test_crop_flip_is_a_shift_or_mirror_drawn_from_the_generator():
+    image = torch.arange(16, dtype=torch.uint8).reshape(1, 4, 4)
+    crop = data.CropFlip(4, 1, flip=False, finish=lambda x: x)
+    outs = {crop(image, torch.Generator().manual_seed(s)).numpy().tobytes() for s in range(40)}
+    assert len(outs) == 9  # 3x3 possible offsets of a 1-pixel padding
+    centred = [s for s in range(40)
+               if torch.equal(crop(image, torch.Generator().manual_seed(s)), image)]
+    assert centred  # offset (1, 1) gives the image back
+    flip = data.CropFlip(4, 0, flip=True, finish=lambda x: x)
+    seen = {flip(image, torch.Generator().manual_seed(s)).numpy().tobytes() for s in range(20)}
+    assert seen == {image.numpy().tobytes(), image.flip(-1).numpy().tobytes()}

@@ -20,7 +20,8 @@ from typing import Any
 import zmq
 
 from trgl_dist.metrics_client import DEFAULT_MAX_MESSAGE_BYTES
-from trgl_dist.report import ProgressLine, format_console_report, write_report
+from trgl_dist.progress import ProgressLine
+from trgl_dist.report import format_console_report, write_report
 from trgl_dist.runlog import (
     RunLog,
     diagnose_failure,
@@ -45,7 +46,7 @@ class CoordinatorSettings:
 
     grace_s: float = 2.0  # after the first error, wait this long for the other stages' reports
     idle_timeout_s: float | None = None  # give up when no record arrives this long (None: never)
-    progress_interval_s: float = 2.0
+    progress_interval_s: float = 5.0
     parent_poll_s: float = 0.5
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     receive_hwm: int = 100_000

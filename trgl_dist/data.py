@@ -59,21 +59,47 @@ class IndexedImages(Dataset):
         return len(self.targets)
 
     def __getitem__(self, index: int) -> tuple[Tensor, Tensor, int]:
+        generator = torch.Generator().manual_seed(hash((self.seed, self.epoch, index)) & 0x7FFFFFFF)
+        return self.transform(self.images[index], generator), self.targets[index], index
+
+
+class CropFlip:
+    """The standard small-image augmentation (random crop of a zero-padded image, random
+    horizontal flip), its randomness drawn from the generator it is given. torchvision's
+    functional ops do the work; only the parameters are drawn here, since torchvision's
+    random transforms can only use the global RNG, whose reseeding is slow."""
+
+    def __init__(self, size: int, padding: int, flip: bool, finish: Callable) -> None:
+        self.size, self.padding, self.flip, self.finish = size, padding, flip, finish
+
+    def __call__(self, image: Tensor, generator: torch.Generator) -> Tensor:
+        if self.padding:
+            image = v2.functional.pad(image, [self.padding] * 4)
+        top, left = torch.randint(0, 2 * self.padding + 1, (2,), generator=generator).tolist()
+        image = v2.functional.crop(image, top, left, self.size, self.size)
+        if self.flip and torch.rand((), generator=generator) < 0.5:
+            image = v2.functional.horizontal_flip(image)
+        return self.finish(image)
+
+
+class GlobalSeeded:
+    """A torchvision transform run under the global RNG, reseeded from the generator."""
+
+    def __init__(self, transform: Callable) -> None:
+        self.transform = transform
+
+    def __call__(self, image: Tensor, generator: torch.Generator) -> Tensor:
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(hash((self.seed, self.epoch, index)) & 0x7FFFFFFF)
-            image = self.transform(self.images[index])
-        return image, self.targets[index], index
+            torch.manual_seed(generator.initial_seed())
+            return self.transform(image)
 
 
 def _transforms(name: str, size: int, train: bool, augment: bool) -> Callable:
     mean, std, flip = STATS[name]
-    steps: list[Callable] = []
+    finish = v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
     if train and augment:
-        steps.append(v2.RandomCrop(size, padding=size // 8))
-        if flip:
-            steps.append(v2.RandomHorizontalFlip())
-    steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
-    return v2.Compose(steps)
+        return CropFlip(size, size // 8, flip, finish)
+    return lambda image, _generator: finish(image)
 
 
 def _fashion_mnist_root(root: Path) -> Path:
@@ -239,13 +265,14 @@ def _image_folders(
     train_y = torch.tensor(train_folder.targets)
     images: Any = _FolderImages(train_folder)
     keep, held_out = split_training_set(train_y, config, seed)
-    train = IndexedImages(Subset(images, keep.tolist()), train_y[keep], train_tf, seed)
+    train = IndexedImages(
+        Subset(images, keep.tolist()), train_y[keep], GlobalSeeded(train_tf), seed
+    )
+    test_images: Any = _FolderImages(test_folder)
+    test_y = torch.tensor(test_folder.targets)
     if held_out is not None:
-        test = IndexedImages(Subset(images, held_out.tolist()), train_y[held_out], test_tf, seed)
-    else:
-        test = IndexedImages(
-            _FolderImages(test_folder), torch.tensor(test_folder.targets), test_tf, seed
-        )
+        test_images, test_y = Subset(images, held_out.tolist()), train_y[held_out]
+    test = IndexedImages(test_images, test_y, GlobalSeeded(test_tf), seed)
     return train, test, spec
 
 

@@ -154,7 +154,8 @@ def _failed(err: BaseException, topology: topo.Topology, client: MetricsClient |
         _report(client, topology, "interrupted", str(err) or "interrupted", None)
         return 130
     message = f"{type(err).__name__}: {err}"
-    print(f"error: {where}: {message}", file=sys.stderr)
+    if client is None:  # no coordinator to tell yet: say it here
+        print(f"error: {where}: {message}", file=sys.stderr)
     log.debug("traceback", exc_info=err)
     _report(client, topology, "exception", message, None)
     return 1

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -273,51 +272,3 @@ def format_console_report(summary: dict[str, Any]) -> str:
     if summary.get("failure"):
         lines.append(f"FAILED: {summary['failure'].get('description', summary['failure'])}")
     return "\n".join(lines)
-
-
-class ProgressLine:
-    """The live display: one compact log line per interval, not K interleaved streams."""
-
-    def __init__(self, num_modules: int, interval_s: float) -> None:
-        self._num_modules = num_modules
-        self._interval_s = interval_s
-        self._latest: dict[int, dict[str, Any]] = {}
-        self._tests: dict[Any, dict[int, float]] = {}
-        self._where = (0, 0)
-        self._samples = 0.0
-        self._since = time.monotonic()
-        self._fresh = False
-
-    def observe(self, rec: dict[str, Any]) -> None:
-        kind, module = rec.get("kind"), rec.get("module")
-        if kind == "train" and isinstance(module, int):
-            self._latest[module] = rec
-            self._where = max(self._where, (rec.get("epoch") or 0, rec.get("step") or 0))
-            if module == 0:  # every sample enters through module 1: its count is the rate
-                self._samples += rec.get("samples") or 0
-            self._fresh = True
-        elif kind == "eval" and isinstance(module, int):
-            scores = self._tests.setdefault(rec.get("epoch"), {})
-            scores[module] = rec.get("accuracy") or 0.0
-            if len(scores) == self._num_modules:
-                self._log_tests(rec.get("epoch"), self._tests.pop(rec.get("epoch")))
-
-    def _log_tests(self, epoch: Any, scores: dict[int, float]) -> None:
-        accs = " ".join(f"m{k + 1} {100 * acc:.1f}%" for k, acc in sorted(scores.items()))
-        logger.info(
-            "epoch %s test accuracy | %s", epoch + 1 if isinstance(epoch, int) else epoch, accs
-        )
-
-    def maybe_log(self, now: float) -> None:
-        if not self._fresh or now - self._since < self._interval_s:
-            return
-        rate = self._samples / (now - self._since)
-        modules = " ".join(
-            f"m{k + 1} {rec.get('loss', float('nan')):.3f}/{100 * (rec.get('accuracy') or 0):.0f}%"
-            for k, rec in sorted(self._latest.items())
-        )
-        epoch, step = self._where
-        logger.info(
-            "epoch %d step %d | loss/acc %s | %.0f samples/s", epoch + 1, step, modules, rate
-        )
-        self._samples, self._since, self._fresh = 0.0, now, False

@@ -20,6 +20,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import torch
+
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))  # the repo root: trgl_dist without installing it
 
@@ -121,6 +123,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     mode.add_argument("--smoke", action="store_true", help="tiny synthetic run for tests")
     parser.add_argument("--out", type=Path, help="results folder (default: results/<mode>)")
     parser.add_argument("--work-dir", type=Path, help="run directories (default: OUT/runs)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (1: no OpenMP spinning on a shared machine)")
     parser.add_argument("--report-only", action="store_true",
                         help="rebuild tables and plot from OUT/runs.jsonl, train nothing")
     return parser.parse_args(argv)
@@ -129,6 +133,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     args = parse_args(argv)
+    torch.set_num_threads(args.threads)
     preset = PRESETS["smoke" if args.smoke else "quick" if args.quick else "full"]
     out = args.out or HERE / "results" / preset.name
     out.mkdir(parents=True, exist_ok=True)

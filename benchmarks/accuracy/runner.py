@@ -61,11 +61,24 @@ def final_evaluation_only() -> Iterator[None]:
             module.evaluate = original  # type: ignore[attr-defined]
 
 
+@contextlib.contextmanager
+def without_run_report() -> Iterator[None]:
+    """No per-run report.md and PNGs (seconds of matplotlib per run); summary.json stays."""
+    from trgl_dist import train
+
+    original = train.write_report
+    train.write_report = lambda *args, **kwargs: None  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        train.write_report = original  # type: ignore[assignment]
+
+
 def _train_in_process(flags: list[str], final_only: bool) -> int:
     from trgl_dist.train import main
 
     quiet = io.StringIO()  # the console report: summary.json has the same numbers
-    with contextlib.redirect_stdout(quiet):
+    with contextlib.redirect_stdout(quiet), without_run_report():
         if not final_only:
             return main(flags)
         with final_evaluation_only():
@@ -77,7 +90,8 @@ def _train_torchrun(flags: list[str], ranks: int, run_dir: Path) -> int:
         sys.executable, "-m", "torch.distributed.run", "--standalone",
         f"--nproc_per_node={ranks}", "-m", "trgl_dist.train", *flags,
     ]
-    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    path = f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
     with open(run_dir.parent / f"{run_dir.name}.log", "w", encoding="utf-8") as out:
         done = subprocess.run(
             command, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,

@@ -89,21 +89,26 @@ def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     parser = argparse.ArgumentParser(description=__doc__)
     setting_argument(parser)
-    parser.add_argument("--schedule", choices=tuple(SCHEDULES), required=True)
-    parser.add_argument("--microbatches", type=int, required=True)
+    parser.add_argument("--runs", required=True, help="schedule:microbatches,... e.g. gpipe:4")
     parser.add_argument("--out", type=Path, required=True, help="JSON result file (rank 0)")
     args = parser.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     dist.init_process_group("gloo")
+    is_first = dist.get_rank() == 0
+    results = []
     try:
-        rate = run(args.setting, args.schedule, args.microbatches)
+        for item in args.runs.split(","):
+            schedule, microbatches = item.split(":")
+            rate = run(args.setting, schedule, int(microbatches))
+            if rate is not None:
+                log.info("%s x%s: %.1f samples/s", schedule, microbatches, rate)
+            results.append(
+                {"schedule": schedule, "microbatches": int(microbatches), "samples_per_s": rate}
+            )
     finally:
         dist.destroy_process_group()
-    if rate is not None:
-        result = {"samples_per_s": rate, "schedule": args.schedule}
-        result["microbatches"] = args.microbatches
-        write_json(args.out, result)
-        log.info("%s x%d: %.1f samples/s", args.schedule, args.microbatches, rate)
+    if is_first:
+        write_json(args.out, {"runs": results})
     return 0
 
 

@@ -67,26 +67,21 @@ def torchrun(nproc: int) -> list[str]:
     ]  # fmt: skip
 
 
-def local(
-    setting: Setting, mode: str, out: Path, timeout: float, lock: Path | None, **options: Any
-) -> dict[str, Any]:
-    """One in-process timing of local.py (e2e, parallel or stages)."""
-    command = [sys.executable, str(HERE / "local.py"), "--setting", setting.to_json()]
-    command += ["--mode", mode, "--out", str(out)]
-    for key, value in options.items():
-        command += [f"--{key}", str(value)]
-    run_command(command, int(options.get("threads", 1)), timeout, lock)
+def local(jobs: list[dict[str, Any]], out: Path, timeout: float, lock: Path | None) -> dict:
+    """In-process timings of local.py, in one process (each job sets its thread count)."""
+    command = [sys.executable, str(HERE / "local.py"), "--jobs", json.dumps(jobs)]
+    run_command([*command, "--out", str(out)], 1, timeout, lock)
     return json.loads(out.read_text())
 
 
 def gpipe(
-    setting: Setting, schedule: str, microbatches: int, out: Path, timeout: float, lock: Path | None
-) -> dict[str, Any]:
-    """Experiment (d) under torchrun, one rank per stage."""
+    setting: Setting, runs: list[tuple[str, int]], out: Path, timeout: float, lock: Path | None
+) -> list[dict[str, Any]]:
+    """Experiment (d) under torchrun, one rank per stage, every schedule in one launch."""
     command = [*torchrun(setting.modules), str(HERE / "gpipe.py"), "--setting", setting.to_json()]
-    command += ["--schedule", schedule, "--microbatches", str(microbatches), "--out", str(out)]
+    command += ["--runs", ",".join(f"{s}:{m}" for s, m in runs), "--out", str(out)]
     run_command(command, 1, timeout, lock)
-    return json.loads(out.read_text())
+    return json.loads(out.read_text())["runs"]
 
 
 def pipeline(setting: Setting, run_dir: Path, timeout: float, lock: Path | None) -> Path:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from pathlib import Path
@@ -18,7 +19,6 @@ from common import (  # noqa: E402
     build,
     learners_of,
     median_step_seconds,
-    setting_argument,
     timed_steps,
     write_json,
 )
@@ -96,25 +96,28 @@ def run_stages(setting: Setting, stages: int) -> dict:
     return {"stage_step_s": seconds}
 
 
+def run_job(job: dict) -> dict:
+    """One timing: {"mode": e2e|parallel|stages, "threads": n, "stages": K, "setting": {...}}."""
+    setting = Setting.from_json(json.dumps(job["setting"]))
+    torch.set_num_threads(job.get("threads", 1))
+    if job["mode"] == "e2e":
+        result = run_e2e(setting)
+    elif job["mode"] == "parallel":
+        result = run_parallel(setting)
+    else:
+        result = run_stages(setting, job["stages"])
+    result["threads"] = job.get("threads", 1)
+    log.info("%s: %s", job["name"], result)
+    return result
+
+
 def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     parser = argparse.ArgumentParser(description=__doc__)
-    setting_argument(parser)
-    parser.add_argument("--mode", choices=("e2e", "parallel", "stages"), required=True)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--stages", type=int, default=2, help="stages mode: number of stages")
+    parser.add_argument("--jobs", type=json.loads, required=True, help="JSON list of timings")
     parser.add_argument("--out", type=Path, required=True, help="JSON result file")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    if args.mode == "e2e":
-        result = run_e2e(args.setting)
-    elif args.mode == "parallel":
-        result = run_parallel(args.setting)
-    else:
-        result = run_stages(args.setting, args.stages)
-    result["threads"] = args.threads
-    write_json(args.out, result)
-    log.info("%s: %s", args.mode, result)
+    write_json(args.out, {job["name"]: run_job(job) for job in args.jobs})
     return 0
 
 

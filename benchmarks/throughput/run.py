@@ -17,17 +17,18 @@ import logging
 import os
 import sys
 import tempfile
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parents[2]))
 
-import launch  # noqa: E402
 from analysis import pipeline_numbers  # noqa: E402
 from common import Setting, config_of, write_json  # noqa: E402
 from tables import environment_info, markdown  # noqa: E402
 
+import launch  # noqa: E402
 from trgl_dist.data import build_datasets  # noqa: E402
 from trgl_dist.models import build_backbone  # noqa: E402
 from trgl_dist.split import balanced_partition, equal_depth, profile_times  # noqa: E402
@@ -65,32 +66,49 @@ def best(results: list[dict[str, Any]]) -> dict[str, Any]:
     return max(results, key=lambda r: r["samples_per_s"])
 
 
-def measure_k(base: Setting, k: int, counts: list[int], args: argparse.Namespace, tmp: Path) -> dict:
-    """(b), (c) for both splits, and (d), at K stages (one module per stage)."""
-    preset, lock = PRESETS[args.preset], args.lock
-    out: dict[str, Any] = {"parallel": [], "splits": {}, "pipelining": []}
-    by_split = {"equal-depth": equal_depth(sum(counts), k), "equal-time": counts}
-    for threads in preset["threads"]:
-        setting = dataclasses.replace(base, modules=k)
-        out["parallel"].append(
-            launch.local(setting, "parallel", tmp / f"b{k}{threads}.json", TIMEOUT_S, lock,
-                         threads=threads)  # fmt: skip
-        )
-    for split, blocks in by_split.items():
-        setting = dataclasses.replace(base, modules=k, split_counts=tuple(blocks))
-        stages = launch.local(setting, "stages", tmp / f"s{k}{split}.json", TIMEOUT_S, lock,
-                              stages=k)  # fmt: skip
-        run_dir = launch.pipeline(setting, tmp / f"c{k}{split}", TIMEOUT_S, lock)
-        numbers = pipeline_numbers(run_dir, base.batch_size, stages["stage_step_s"])
-        numbers["cpu_bound_samples_per_s"] = (
-            base.batch_size * min(k, os.cpu_count() or 1) / sum(stages["stage_step_s"])
-        )
+def settings_by_split(base: Setting, k: int, equal_time: list[int]) -> dict[str, Setting]:
+    depth = equal_depth(sum(equal_time), k)
+    return {
+        split: dataclasses.replace(base, modules=k, split_counts=tuple(counts))
+        for split, counts in (("equal-depth", depth), ("equal-time", equal_time))
+    }
+
+
+def local_jobs(base: Setting, splits: dict[int, dict[str, Setting]], threads: tuple) -> list:
+    """(a) at every thread count, (b) per K, and each stage's standalone step per K and split."""
+    jobs: list[dict[str, Any]] = []
+    for t in threads:
+        jobs.append({"name": f"e2e/{t}", "mode": "e2e", "threads": t, "setting": asdict(base)})
+    for k, by_split in splits.items():
+        for t in threads:
+            setting = asdict(by_split["equal-depth"])
+            jobs.append({"name": f"parallel/{k}/{t}", "mode": "parallel", "threads": t,
+                         "setting": setting})  # fmt: skip
+        for split, setting in by_split.items():
+            jobs.append({"name": f"stages/{k}/{split}", "mode": "stages", "stages": k,
+                         "setting": asdict(setting)})  # fmt: skip
+    return jobs
+
+
+def measure_k(
+    k: int, by_split: dict[str, Setting], local: dict, args: argparse.Namespace, tmp: Path
+) -> dict[str, Any]:
+    """(b) from the in-process results; (c) for both splits and (d), launched here."""
+    preset = PRESETS[args.preset]
+    out: dict[str, Any] = {
+        "parallel": [local[f"parallel/{k}/{t}"] for t in preset["threads"]],
+        "splits": {},
+    }
+    for split, setting in by_split.items():
+        stage_s = local[f"stages/{k}/{split}"]["stage_step_s"]
+        run_dir = launch.pipeline(setting, tmp / f"c{k}{split}", TIMEOUT_S, args.lock)
+        numbers = pipeline_numbers(run_dir, setting.batch_size, stage_s)
+        cores = min(k, os.cpu_count() or 1)
+        numbers["cpu_bound_samples_per_s"] = setting.batch_size * cores / sum(stage_s)
         out["splits"][split] = numbers
-    depth = dataclasses.replace(base, modules=k, split_counts=tuple(by_split["equal-depth"]))
-    for schedule in ("gpipe", "1f1b"):
-        for m in preset["microbatches"]:
-            path = tmp / f"d{k}{schedule}{m}.json"
-            out["pipelining"].append(launch.gpipe(depth, schedule, m, path, TIMEOUT_S, lock))
+    runs = [(s, m) for s in ("gpipe", "1f1b") for m in preset["microbatches"]]
+    path = tmp / f"d{k}.json"
+    out["pipelining"] = launch.gpipe(by_split["equal-depth"], runs, path, TIMEOUT_S, args.lock)
     return out
 
 
@@ -111,19 +129,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         model=preset["model"], width=preset["width"], modules=2,
         batch_size=preset["batch_size"], steps=preset["steps"], warmup=preset["warmup"],
     )  # fmt: skip
-    result: dict[str, Any] = {"preset": args.preset, "setting": dataclasses.asdict(base)}
+    result: dict[str, Any] = {"preset": args.preset, "setting": asdict(base)}
     result["environment"] = environment_info(args.command)
+    result["equal_time"] = equal_time_counts(base, preset["ks"], args.lock)
+    splits = {
+        k: settings_by_split(base, k, result["equal_time"]["counts"][str(k)]) for k in preset["ks"]
+    }
     with tempfile.TemporaryDirectory(prefix="throughput-") as name:
         tmp = Path(name)
-        result["equal_time"] = equal_time_counts(base, preset["ks"], args.lock)
-        result["e2e"] = [
-            launch.local(base, "e2e", tmp / f"a{t}.json", TIMEOUT_S, args.lock, threads=t)
-            for t in preset["threads"]
-        ]
+        jobs = local_jobs(base, splits, preset["threads"])
+        local = launch.local(jobs, tmp / "local.json", TIMEOUT_S, args.lock)
+        result["e2e"] = [local[f"e2e/{t}"] for t in preset["threads"]]
         result["e2e_best"] = best(result["e2e"])
         result["per_k"] = {
-            str(k): measure_k(base, k, result["equal_time"]["counts"][str(k)], args, tmp)
-            for k in preset["ks"]
+            str(k): measure_k(k, by_split, local, args, tmp) for k, by_split in splits.items()
         }
     ratios(result)
     return result

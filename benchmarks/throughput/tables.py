@@ -80,14 +80,18 @@ def pipeline_rows(result: dict[str, Any]) -> list[list[Any]]:
     return rows
 
 
+def _ms(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{1e3 * seconds:.1f}"
+
+
 def stage_rows(result: dict[str, Any]) -> list[list[Any]]:
     rows = []
     for k, per_k in result["per_k"].items():
         for split, c in per_k["splits"].items():
             for s, step_s in zip(c["stages"], c["stage_step_s"]):
-                rows.append([k, split, s["stage"], _f(1e3 * step_s), _f(1e3 * s["compute_s_per_step"]),
+                rows.append([k, split, s["stage"], _ms(step_s), _ms(s["compute_s_per_step"]),
                              _f(s["busy"], 2), _f(s["wait_in"], 2), _f(s["wait_out"], 2),
-                             _f(None if s["send_s_per_batch"] is None else 1e3 * s["send_s_per_batch"]),
+                             _ms(s["send_s_per_batch"]),
                              _f(s["transport_over_compute"], 3)])  # fmt: skip
     return rows
 

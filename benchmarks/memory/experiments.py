@@ -1,0 +1,149 @@
+"""The memory experiments: E2E, the lock-step regime and each pipeline stage, per K/split/method."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from tracker import (
+    MIB,
+    Network,
+    build_fake,
+    e2e_parts,
+    e2e_step,
+    fake_batches,
+    input_shape,
+    lockstep_step,
+    output_shape,
+    peak_of,
+    stage_eval_step,
+    stage_step,
+)
+
+from trgl_dist.config import Config, PipelineConfig
+from trgl_dist.models import InputSpec, build_backbone
+from trgl_dist.split import split_blocks
+
+log = logging.getLogger("memory.experiments")
+#: The test pass sends batches twice the training batch (``feed.py``: 2 * batch_size).
+EVAL_BATCH_FACTOR = 2
+
+
+@dataclass(frozen=True)
+class Setting:
+    """The network and batch every configuration of one benchmark run shares."""
+
+    model: str = "resnet110"
+    channels: int = 3
+    size: int = 96
+    num_classes: int = 10
+    width: int = 0
+    batch_size: int = 64
+    buffer_size: int = PipelineConfig.buffer_size
+
+    @property
+    def spec(self) -> InputSpec:
+        return InputSpec(self.channels, self.size, self.num_classes)
+
+    def config(self, modules: int, method: str) -> Config:
+        return (
+            Config()
+            .replace("model", name=self.model, modules=modules, width=self.width)
+            .replace("method", name=method)
+            .replace("data", batch_size=self.batch_size)
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def block_counts(setting: Setting, modules: int, split: str) -> list[int]:
+    """trgl_dist's own split of the real backbone (equal-memory probes a small real forward)."""
+    backbone = build_backbone(setting.model, setting.spec, num_modules=modules, width=setting.width)
+    return split_blocks(split, backbone, setting.spec, modules, batch_size=setting.batch_size)
+
+
+def measure_e2e(setting: Setting, modules: int) -> dict[str, float]:
+    """Back-propagation through the same K modules' bodies and last head, one optimizer."""
+    counts = block_counts(setting, modules, "equal-depth")
+    net = build_fake(setting.config(modules, "vanilla"), setting.spec, counts)
+    with net.fake:
+        params, optimizer = e2e_parts(net)
+    step = e2e_step(net, setting.batch_size, optimizer)
+    return peak_of(net, step, [*net.modules, optimizer])
+
+
+def measure_lockstep(net: Network, setting: Setting) -> dict[str, float]:
+    optimizers = [learner.optimizer for learner in net.learners]
+    return peak_of(net, lockstep_step(net, setting.batch_size), [*net.modules, *optimizers])
+
+
+def stage_buffers(net: Network, stage: int, batch: int, capacity: int) -> list[torch.Tensor]:
+    """The batches a stage's link side holds at most besides the one it computes on.
+
+    Inbox side: ``capacity`` queued batches plus the one the receiver thread has received
+    and is blocked putting into the full inbox. Outbox side: ``capacity`` queued outputs
+    plus the one the sender thread is sending (Gloo ``send`` returns only when the next
+    stage posts its ``recv``). The first stage has no inbox (its loader makes one batch at
+    a time, the batch it computes on); the last has no outbox.
+    """
+    held: list[torch.Tensor] = []
+    if stage > 0:
+        held += fake_batches(net, input_shape(net, stage), batch, capacity + 1)
+    if stage < len(net.learners) - 1:
+        held += fake_batches(net, output_shape(net, stage), batch, capacity + 1)
+    return held
+
+
+def batch_mib(net: Network, shape: tuple[int, ...], batch: int) -> float:
+    """MiB of one wire batch: activations plus int64 labels and sample ids."""
+    numel = 1
+    for side in shape:
+        numel *= side
+    return (batch * numel * 4 + 2 * batch * 8) / MIB
+
+
+def measure_stage(net: Network, setting: Setting, stage: int) -> dict[str, Any]:
+    """Stage ``stage`` (one module per stage, W = K) in three phases.
+
+    train: a training step with every buffer full of training batches (steady state).
+    epoch_end: the last training step of an epoch, the inbox already full of test batches
+    (twice as large): the train peak plus that difference, since buffers are constant.
+    test: a test-pass step (no grad) with every buffer full of test batches.
+    """
+    learner = net.learners[stage]
+    tracked = [learner.module, learner.optimizer]
+    cap, batch = setting.buffer_size, setting.batch_size
+    held = stage_buffers(net, stage, batch, cap)
+    train = peak_of(net, stage_step(net, stage, batch, held), [*tracked, *held])
+    held_eval = stage_buffers(net, stage, EVAL_BATCH_FACTOR * batch, cap)
+    test_step = stage_eval_step(net, stage, EVAL_BATCH_FACTOR * batch, held_eval)
+    test = peak_of(net, test_step, [*tracked, *held_eval])
+    extra = 0.0
+    if stage > 0:
+        shape = input_shape(net, stage)
+        extra = (cap + 1) * (batch_mib(net, shape, EVAL_BATCH_FACTOR * batch) - batch_mib(net, shape, batch))
+    epoch_end = {**train, "batch_buffers": train["batch_buffers"] + extra, "total": train["total"] + extra}
+    worst = max((train, epoch_end, test), key=lambda p: p["total"])
+    return {"stage": stage, "train": train, "epoch_end": epoch_end, "test": test, "worst": worst}
+
+
+def measure_config(
+    setting: Setting, modules: int, split: str, method: str, stages: bool = True
+) -> dict[str, Any]:
+    """Lock-step peak and (optionally) every stage's peak for one K, split and method."""
+    counts = block_counts(setting, modules, split)
+    net = build_fake(setting.config(modules, method), setting.spec, counts)
+    log.info("K=%d %s %s: counts %s", modules, split, method, counts)
+    result: dict[str, Any] = {
+        "modules": modules,
+        "split": split,
+        "method": method,
+        "counts": counts,
+        "lockstep": measure_lockstep(net, setting),
+    }
+    if stages:
+        result["stages"] = [measure_stage(net, setting, k) for k in range(modules)]
+    return result

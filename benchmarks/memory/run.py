@@ -1,0 +1,167 @@
+"""Peak memory per device against E2E: lock-step regime and pipeline stages, K x split x method.
+
+Estimated with MemTracker under fake tensors (no compute), then checked against the real
+peak RSS of a small CPU run. Writes results/memory.json and results/memory.md.
+
+    python benchmarks/memory/run.py            # the full grid (about 6 minutes)
+    python benchmarks/memory/run.py --quick    # under 3 minutes
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(1, str(HERE.parents[1]))  # the repo root: trgl_dist without installing it
+
+import torch  # noqa: E402
+from experiments import Setting, measure_config, measure_e2e  # noqa: E402
+from tables import report  # noqa: E402
+
+log = logging.getLogger("memory.run")
+PROBE_TIMEOUT_S = 600
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="equal-depth TRGL only, short check")
+    p.add_argument("--model", default="resnet110")
+    p.add_argument("--size", type=int, default=96, help="input side (3 x size x size)")
+    p.add_argument("--width", type=int, default=0, help="0: the model's default width")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--modules", type=int, nargs="+", default=[2, 4, 8, 16])
+    p.add_argument("--splits", nargs="+", default=["equal-depth", "equal-memory"])
+    p.add_argument("--methods", nargs="+", default=["vanilla", "trgl"])
+    p.add_argument("--check-model", default="resnet110", help="model of the real RSS run")
+    p.add_argument("--check-size", type=int, default=32)
+    p.add_argument("--check-width", type=int, default=0)
+    p.add_argument("--check-modules", type=int, default=4)
+    p.add_argument("--check-batches", type=int, nargs="+", default=[32, 64])
+    p.add_argument("--check-steps", type=int, default=3)
+    p.add_argument("--no-check", action="store_true", help="skip the real RSS check")
+    p.add_argument("--out", type=Path, default=HERE / "results")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.splits, args.methods = ["equal-depth"], ["trgl"]
+        args.check_batches, args.check_steps = [64], 2
+    return args
+
+
+def run_grid(setting: Setting, args: argparse.Namespace) -> dict[str, Any]:
+    e2e = {str(k): measure_e2e(setting, k) for k in args.modules}
+    configs = []
+    for k in args.modules:
+        for split in args.splits:
+            for method in args.methods:
+                config = measure_config(setting, k, split, method)
+                config["breakdown"] = method == "trgl"
+                configs.append(config)
+    return {"e2e": e2e, "configs": configs}
+
+
+def probe(setting: Setting, modules: int, regime: str, steps: int) -> dict[str, Any]:
+    """One real run in a fresh process (its own peak RSS)."""
+    command = [
+        sys.executable,
+        str(HERE / "rss_probe.py"),
+        "--setting",
+        json.dumps(setting.to_dict()),
+        "--modules",
+        str(modules),
+        "--regime",
+        regime,
+        "--steps",
+        str(steps),
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=PROBE_TIMEOUT_S)
+    if done.returncode != 0:
+        raise RuntimeError(f"rss probe failed: {done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def estimator_check(args: argparse.Namespace) -> dict[str, Any]:
+    """Real peak RSS growth vs the MemTracker peak, lock-step and E2E, per batch size."""
+    base = Setting(model=args.check_model, size=args.check_size, width=args.check_width)
+    rows = []
+    for batch in args.check_batches:
+        setting = replace(base, batch_size=batch)
+        lock = measure_config(setting, args.check_modules, "equal-depth", "trgl", stages=False)
+        estimates = {
+            "parallel": lock["lockstep"]["total"],
+            "e2e": measure_e2e(setting, args.check_modules)["total"],
+        }
+        for regime, estimate in estimates.items():
+            real = probe(setting, args.check_modules, regime, args.check_steps)
+            rows.append({**real, "batch_size": batch, "estimate_mib": estimate})
+            log.info("check %s batch %d: %s", regime, batch, rows[-1])
+    return {
+        "setting": base.to_dict(),
+        "modules": args.check_modules,
+        "rows": rows,
+        "slopes": slopes(rows),
+    }
+
+
+def slopes(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Per-sample growth between the smallest and largest batch: constant overheads cancel."""
+    out = {}
+    for regime in ("parallel", "e2e"):
+        mine = sorted((r for r in rows if r["regime"] == regime), key=lambda r: r["batch_size"])
+        if len(mine) < 2:
+            continue
+        lo, hi = mine[0], mine[-1]
+        span = hi["batch_size"] - lo["batch_size"]
+        out[regime] = {
+            "real_mib": (hi["growth_mib"] - lo["growth_mib"]) / span,
+            "estimate_mib": (hi["estimate_mib"] - lo["estimate_mib"]) / span,
+        }
+    return out
+
+
+def environment() -> dict[str, Any]:
+    import psutil
+    import torchvision
+
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpus": psutil.cpu_count(),
+        "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
+        "command": " ".join(["python", "benchmarks/memory/run.py", *sys.argv[1:]]),
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    started = time.perf_counter()
+    setting = Setting(
+        model=args.model, size=args.size, width=args.width, batch_size=args.batch_size
+    )
+    results: dict[str, Any] = {"setting": setting.to_dict(), "environment": environment()}
+    results.update(run_grid(setting, args))
+    if not args.no_check:
+        results["estimator"] = estimator_check(args)
+    results["seconds"] = time.perf_counter() - started
+    args.out.mkdir(parents=True, exist_ok=True)
+    name = "memory_quick" if args.quick else "memory"
+    (args.out / f"{name}.json").write_text(json.dumps(results, indent=1))
+    (args.out / f"{name}.md").write_text(report(results))
+    log.info("wrote %s in %.0f s", args.out / f"{name}.md", results["seconds"])
+
+
+if __name__ == "__main__":
+    main()
