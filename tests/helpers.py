@@ -8,7 +8,7 @@ import torch
 
 from trgl_dist.config import Config
 from trgl_dist.data import build_datasets
-from trgl_dist.learner import ModuleLearner, taus
+from trgl_dist.learner import build_learners
 from trgl_dist.network import build_network
 from trgl_dist.regimes import Context
 
@@ -38,10 +38,7 @@ def make_context(config: Config, records: list | None = None) -> Context:
     torch.manual_seed(config.train.seed)
     train_set, test_set, spec = build_datasets(config.data, config.train.seed)
     modules, _ = build_network(config, spec)
-    tau = taus(config, len(modules))
-    learners = [
-        ModuleLearner(k, m, config, tau[k], config.train.epochs) for k, m in enumerate(modules)
-    ]
+    learners = build_learners(config, modules)
     sink = records if records is not None else []
     torch.manual_seed(config.train.seed + 1)
     return Context(config, learners, train_set, test_set, torch.device("cpu"), sink.append)

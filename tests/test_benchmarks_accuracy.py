@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -11,9 +12,20 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "accuracy" / "run.py"
-sys.path.insert(0, str(SCRIPT.parent))
 
-from stats import mean_ci, paired_difference  # noqa: E402
+
+
+def _load_stats():
+    """By file path under a unique name: other benchmark folders have modules named alike."""
+    spec = importlib.util.spec_from_file_location("accuracy_stats", SCRIPT.parent / "stats.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+stats = _load_stats()
+mean_ci, paired_difference = stats.mean_ci, stats.paired_difference
 
 
 def test_mean_ci_uses_student_t():

@@ -15,11 +15,11 @@ from trgl_dist.stage import stage_modules
 def _stage_worker(topology, config):
     """One rank: build, run, return this stage's parameters and the records it sent."""
     records: list = []
-    learners, data = build_stage(config, topology)
-    run_stage(config, topology, learners, data, records.append)
+    stage = build_stage(config, topology)
+    run_stage(config, topology, stage, records.append)
     params = {
         learner.index: [p.detach().clone() for p in learner.module.parameters()]
-        for learner in learners
+        for learner in stage.learners
     }
     return params, records
 

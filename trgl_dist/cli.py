@@ -31,6 +31,8 @@ HELP = {
     "buffer-size": "pipeline inbox/outbox capacity in batches",
     "buffer-policy": "fifo (exact, backpressure) or replay (DGL asynchronous buffer)",
     "out": "run directory (default: runs/<regime>-<time>)",
+    "checkpoint-every": "also checkpoint every N steps (0: only at each epoch end)",
+    "keep-checkpoints": "keep the last N complete checkpoints (0: all)",
 }
 
 
@@ -47,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
         argument_default=argparse.SUPPRESS,
     )
     parser.add_argument("--config", type=Path, help="TOML file with the same keys as the flags")
+    parser.add_argument(
+        "--resume", type=Path, help="continue RUN_DIR from its last complete checkpoint"
+    )
     for section, kind in cfg.SECTION_TYPES.items():
         group = parser.add_argument_group(section)
         for f in dataclasses.fields(kind):
@@ -81,4 +86,7 @@ def parse(argv: Sequence[str] | None = None) -> tuple[cfg.Config, argparse.Names
         base = cfg.load_toml(saved)
     if extras.config is not None:
         base = cfg.load_toml(extras.config, base)
-    return cfg.validate(cfg.from_mapping(flags, base)), extras
+    config = cfg.from_mapping(flags, base)
+    if extras.resume is not None:  # a resumed run stays in its own directory
+        config = config.replace("train", out=str(extras.resume))
+    return cfg.validate(config), extras

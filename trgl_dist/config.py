@@ -87,6 +87,8 @@ class TrainConfig:
     laps: int = 2
     cache_frozen: bool = False
     log_every: int = 20
+    checkpoint_every: int = 0  # steps; 0: only at each epoch end
+    keep_checkpoints: int = 3  # 0: keep all
     out: str = ""
 
 
@@ -258,6 +260,8 @@ def validate(config: Config) -> Config:
     _check_positive("train.max_steps", t.max_steps, allow_zero=True)
     _check_positive("train.laps", t.laps)
     _check_positive("train.log_every", t.log_every)
+    _check_positive("train.checkpoint_every", t.checkpoint_every, allow_zero=True)
+    _check_positive("train.keep_checkpoints", t.keep_checkpoints, allow_zero=True)
     _check_positive("train.module_epochs_base", t.module_epochs_base, allow_zero=True)
     _check_positive("train.module_epochs_slope", t.module_epochs_slope, allow_zero=True)
     _check_positive("pipeline.buffer_size", p.buffer_size)

@@ -19,6 +19,7 @@ from typing import Any
 
 import zmq
 
+from trgl_dist.manifest import CheckpointError, write_manifest
 from trgl_dist.metrics_client import DEFAULT_MAX_MESSAGE_BYTES
 from trgl_dist.progress import ProgressLine
 from trgl_dist.report import format_console_report, write_report
@@ -74,6 +75,7 @@ def start_coordinator(
     settings: CoordinatorSettings | None = None,
     connect_host: str | None = None,
     extra: dict[str, Any] | None = None,
+    checkpoints: dict[str, Any] | None = None,
 ) -> tuple[BaseProcess, str]:
     """Spawn the coordinator; return it and the address MetricsClients connect to.
 
@@ -99,6 +101,7 @@ def start_coordinator(
             parent_pid=os.getpid(),
             ready=ready_send,
             extra=extra,
+            checkpoints=checkpoints,
         ),
     )
     process.start()
@@ -172,6 +175,7 @@ def run_coordinator(
     parent_pid: int | None = None,
     ready: Connection | None = None,
     extra: dict[str, Any] | None = None,
+    checkpoints: dict[str, Any] | None = None,
 ) -> int:
     """The coordinator's body; returns the exit code (0 done, 1 failed, 2 no bind, 128+sig)."""
     settings = settings or CoordinatorSettings()
@@ -191,6 +195,7 @@ def run_coordinator(
         runlog = RunLog(run_dir, append=append, tensorboard=settings.tensorboard)
         state = _Collector(runlog, sock, world_size, num_modules, regime, settings, parent_pid)
         state.extra = dict(extra or {})
+        state.checkpoints = checkpoints
         return state.run()
     finally:
         context.destroy(linger=0)
@@ -213,6 +218,9 @@ class _Collector:
         self.world_size, self.num_modules, self.regime = world_size, num_modules, regime
         self.parent_pid = parent_pid
         self.extra: dict[str, Any] = {}  # added to summary.json
+        # {"meta": ..., "keep": N}: a step's manifest is written once every stage saved it
+        self.checkpoints: dict[str, Any] | None = None
+        self.saved: dict[int, set[Any]] = {}
         self.received = self.malformed = 0
         self.finished: set[Any] = set()  # stages that sent "end"
         self.reports: list[dict[str, Any]] = []  # "error" and "end" records, for the diagnosis
@@ -269,6 +277,8 @@ class _Collector:
         self.last_record_at = time.monotonic()
         self.runlog.record(rec)
         self.progress.observe(rec)
+        if rec["kind"] == "checkpoint":
+            self._checkpointed(rec)
         if rec["kind"] in ("end", "error"):
             self.reports.append(rec)
         if rec["kind"] == "end":
@@ -276,6 +286,22 @@ class _Collector:
         elif rec["kind"] == "error" and self.first_error_at is None:
             self.first_error_at = self.last_record_at
             logger.info("stage %s reported an error; gathering reports", rec.get("stage"))
+
+    def _checkpointed(self, rec: dict[str, Any]) -> None:
+        """Every stage wrote its file for this step: declare the checkpoint complete."""
+        step = rec.get("step")
+        if self.checkpoints is None or not isinstance(step, int):
+            return
+        stages = self.saved.setdefault(step, set())
+        stages.add(rec.get("stage"))
+        if len(stages) < self.world_size:
+            return
+        del self.saved[step]
+        meta = {**self.checkpoints["meta"], "position": {}}
+        try:
+            write_manifest(self.runlog.run_dir, step, meta, int(self.checkpoints["keep"]))
+        except (OSError, CheckpointError) as err:
+            logger.warning("checkpoint step %d not completed: %s", step, err)
 
     def _outcome(self, now: float) -> tuple[str, dict[str, Any] | None] | None:
         """(how it ended, failure) once the run is over; None while it goes on."""

@@ -281,16 +281,31 @@ def default_data_dir() -> Path:
 
 
 def make_loader(
-    dataset: IndexedImages, batch_size: int, *, train: bool, seed: int, epoch: int, workers: int = 0
+    dataset: IndexedImages,
+    batch_size: int,
+    *,
+    train: bool,
+    seed: int,
+    epoch: int,
+    workers: int = 0,
+    skip_batches: int = 0,
 ) -> DataLoader:
-    """Batches of (x, y, ids); order set by (seed, epoch) alone; the last may be short."""
+    """Batches of (x, y, ids); order set by (seed, epoch) alone; the last may be short.
+    ``skip_batches`` starts the epoch part-way (resuming), at exactly the same batches."""
     dataset.set_epoch(epoch)
-    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    if train:
+        generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+        order = torch.randperm(len(dataset), generator=generator)
+    else:
+        order = torch.arange(len(dataset))
     return DataLoader(
         dataset,
         batch_size=batch_size,
-        shuffle=train,
-        generator=generator,
+        sampler=order[skip_batches * batch_size :].tolist(),
         num_workers=workers,
         drop_last=False,
     )
+
+
+def steps_per_epoch(dataset: IndexedImages, batch_size: int) -> int:
+    return -(-len(dataset) // batch_size)

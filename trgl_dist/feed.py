@@ -8,22 +8,32 @@ from typing import Any
 
 from trgl_dist.buffer import BatchBuffer
 from trgl_dist.config import Config
-from trgl_dist.data import IndexedImages, make_loader
+from trgl_dist.data import IndexedImages, make_loader, steps_per_epoch
 from trgl_dist.wire import Batch, Kind
 
 
 def batch_stream(
-    config: Config, train_set: IndexedImages, test_set: IndexedImages
+    config: Config, train_set: IndexedImages, test_set: IndexedImages, start_step: int = 0
 ) -> Iterator[tuple[Batch, float]]:
     """(batch, seconds spent producing it). Step numbers count training batches from 1.
 
     With the same seed this is exactly the batch sequence of the `parallel` regime.
     """
     d, t = config.data, config.train
-    step = 0
-    for epoch in range(t.epochs):
+    step = start_step
+    first_epoch, skip = divmod(start_step, steps_per_epoch(train_set, d.batch_size))
+    epoch = first_epoch
+    for epoch in range(first_epoch, t.epochs):
+        if 0 < t.max_steps <= step:
+            break
         loader = make_loader(
-            train_set, d.batch_size, train=True, seed=t.seed, epoch=epoch, workers=d.workers
+            train_set,
+            d.batch_size,
+            train=True,
+            seed=t.seed,
+            epoch=epoch,
+            workers=d.workers,
+            skip_batches=skip if epoch == first_epoch else 0,
         )
         for batch, waited in _timed(iter(loader)):
             step += 1
@@ -36,8 +46,6 @@ def batch_stream(
         )
         for (x, y, ids), waited in _timed(iter(test)):
             yield Batch(Kind.EVAL, step, epoch, x, y, ids), waited
-        if 0 < t.max_steps <= step:
-            break
     yield Batch(Kind.END, step, epoch, None, None, None), 0.0
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -158,6 +159,30 @@ class ModuleLearner:
         self.steps = int(state["steps"])
         if self.multiplier is not None and state["multiplier"] is not None:
             self.multiplier.load_state_dict(state["multiplier"])
+
+
+def build_learners(
+    config: Config, modules: Sequence[LocalModule], indices: Sequence[int] | None = None
+) -> list[ModuleLearner]:
+    """Learners for ``modules[k]``, k in ``indices`` (all by default), with the tau schedule
+    of the whole network. E2E shares one optimizer over everything (see share_optimizer)."""
+    tau = taus(config, len(modules))
+    chosen = range(len(modules)) if indices is None else indices
+    learners = [ModuleLearner(k, modules[k], config, tau[k], config.train.epochs) for k in chosen]
+    if config.train.regime == "e2e":
+        share_optimizer(learners, config)
+    return learners
+
+
+def share_optimizer(learners: Sequence[ModuleLearner], config: Config) -> None:
+    """E2E: one optimizer (and schedule) over every body and the last head, set on every
+    learner so that checkpoints save and restore it like any other."""
+    params = [p for learner in learners for p in learner.module.body.parameters()]
+    params += list(learners[-1].module.head.parameters())
+    optimizer = build_optimizer(params, config)
+    scheduler = build_scheduler(optimizer, config, config.train.epochs)
+    for learner in learners:
+        learner.optimizer, learner.scheduler = optimizer, scheduler
 
 
 def taus(config: Config, num_modules: int) -> list[float]:

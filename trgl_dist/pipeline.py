@@ -11,23 +11,26 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from multiprocessing.process import BaseProcess
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from trgl_dist import checkpoint as ckpt
 from trgl_dist import topology as topo
 from trgl_dist.buffer import BatchBuffer
 from trgl_dist.config import Config, ConfigError, write_toml
 from trgl_dist.coordinator import start_coordinator
-from trgl_dist.data import DataError, build_datasets
+from trgl_dist.data import DataError, IndexedImages, build_datasets, steps_per_epoch
 from trgl_dist.feed import batch_stream, inbox_stream
-from trgl_dist.learner import ModuleLearner, taus
+from trgl_dist.learner import ModuleLearner, build_learners
 from trgl_dist.link import PeerFailure, Receiver, Sender
 from trgl_dist.metrics_client import MetricsClient
 from trgl_dist.network import build_network
-from trgl_dist.stage import Send, StageWorker, stage_modules
+from trgl_dist.snapshot import restore, run_meta, stage_state
+from trgl_dist.stage import Save, Send, StageWorker, stage_modules
 from trgl_dist.wire import Batch
 
 log = logging.getLogger("trgl_dist")
@@ -45,7 +48,19 @@ def _share_run_info(topology: topo.Topology, info: dict[str, str]) -> dict[str, 
     return json.loads(bytes(payload[payload.nonzero().flatten()].tolist()).decode())
 
 
-def build_stage(config: Config, topology: topo.Topology) -> tuple[list[ModuleLearner], Any]:
+@dataclass
+class Stage:
+    """This rank's part of the run: its learners and what it needs around them."""
+
+    learners: list[ModuleLearner]
+    train_set: IndexedImages
+    test_set: IndexedImages
+    counts: list[int]  # blocks per module, whole network
+    meta: dict[str, Any]  # what a checkpoint must agree on
+    start_step: int = 0  # resumed: the checkpoint's step
+
+
+def build_stage(config: Config, topology: topo.Topology) -> Stage:
     """Data (stage 0 first, so one process stages the files), all modules built from the seed,
     this stage's learners kept."""
     if not topology.is_first:
@@ -59,20 +74,21 @@ def build_stage(config: Config, topology: topo.Topology) -> tuple[list[ModuleLea
         mine = stage_modules(len(modules), topology.world_size, topology.stage)
     except ValueError as err:
         raise ConfigError(str(err)) from None
-    tau = taus(config, len(modules))
-    learners = [
-        ModuleLearner(k, modules[k].to(topology.device), config, tau[k], config.train.epochs)
-        for k in mine
-    ]
-    return learners, (train_set, test_set, counts)
+    for k in mine:
+        modules[k].to(topology.device)
+    meta = {
+        **run_meta(config, counts, stages=topology.world_size),
+        "input": [spec.channels, spec.size, spec.size],
+        "num_classes": spec.num_classes,
+    }
+    return Stage(build_learners(config, modules, mine), train_set, test_set, counts, meta)
 
 
 def _source(
-    config: Config, topology: topo.Topology, data: Any, inbox: BatchBuffer | None
+    config: Config, topology: topo.Topology, stage: Stage, inbox: BatchBuffer | None
 ) -> Iterator[tuple[Batch, float]]:
     if topology.is_first:
-        torch.manual_seed(config.train.seed + 1)
-        return batch_stream(config, data[0], data[1])
+        return batch_stream(config, stage.train_set, stage.test_set, stage.start_step)
     assert inbox is not None
     return inbox_stream(inbox)
 
@@ -94,7 +110,7 @@ class _Services:
     client: MetricsClient | None = None
 
 
-def run_pipeline(config: Config) -> int:
+def run_pipeline(config: Config, resume: bool = False) -> int:
     """One stage of the pipeline. Returns the process exit code (0, 1, 2 or 130)."""
     topology = topo.init_distributed()
     logging.getLogger().handlers[0].setFormatter(
@@ -103,39 +119,57 @@ def run_pipeline(config: Config) -> int:
     signal.signal(signal.SIGTERM, _on_sigterm)
     services = _Services()
     try:
-        _train(config, topology, services)
+        _train(config, topology, services, resume)
         code = 0
     except BaseException as err:  # noqa: BLE001 - every failure ends in one report and exit code
         code = _failed(err, topology, services.client)
     return _teardown(code, services)
 
 
-def _train(config: Config, topology: topo.Topology, services: _Services) -> None:
-    learners, data = build_stage(config, topology)
+def _train(config: Config, topology: topo.Topology, services: _Services, resume: bool) -> None:
+    stage = build_stage(config, topology)
+    if resume:
+        run_dir = Path(config.train.out)
+        stage.start_step = restore(run_dir, stage.learners, stage.meta, topology.stage)[0]
     info: dict[str, str] = {}
     if topology.is_first:
-        from trgl_dist.train import run_directory
-
-        run_dir = run_directory(config)
-        write_toml(config, run_dir / "config.toml")
-        services.coordinator, address = start_coordinator(
-            run_dir,
-            world_size=topology.world_size,
-            num_modules=config.model.modules,
-            regime="pipeline",
-            bind=config.pipeline.coordinator,
-            extra={"blocks_per_module": data[2]},
-        )
-        info = {"address": address, "run_dir": str(run_dir)}
-        log.info(
-            "%d stages, modules of %s blocks, run directory %s",
-            topology.world_size,
-            data[2],
-            run_dir,
-        )
+        info = _start_coordinator(config, topology, stage, services, resume)
     info = _share_run_info(topology, info)
     services.client = MetricsClient(info["address"])
-    run_stage(config, topology, learners, data, services.client.send)
+    run_dir = Path(info["run_dir"])
+    send = services.client.send
+
+    def save(step: int, epoch: int) -> None:
+        ckpt.save_stage(run_dir, step, topology.stage, stage_state(stage.learners, step, {}))
+        send({"kind": "checkpoint", "step": step, "epoch": epoch, "stage": topology.stage})
+
+    run_stage(config, topology, stage, send, save)
+
+
+def _start_coordinator(
+    config: Config, topology: topo.Topology, stage: Stage, services: _Services, resume: bool
+) -> dict[str, str]:
+    from trgl_dist.train import run_directory
+
+    run_dir = run_directory(config)
+    write_toml(config, run_dir / "config.toml")
+    services.coordinator, address = start_coordinator(
+        run_dir,
+        world_size=topology.world_size,
+        num_modules=config.model.modules,
+        regime="pipeline",
+        bind=config.pipeline.coordinator,
+        append=resume,
+        extra={"blocks_per_module": stage.counts},
+        checkpoints={"meta": stage.meta, "keep": config.train.keep_checkpoints},
+    )
+    log.info(
+        "%d stages, modules of %s blocks, run directory %s",
+        topology.world_size,
+        stage.counts,
+        run_dir,
+    )
+    return {"address": address, "run_dir": str(run_dir)}
 
 
 def _failed(err: BaseException, topology: topo.Topology, client: MetricsClient | None) -> int:
@@ -182,17 +216,17 @@ def _teardown(code: int, services: _Services) -> int:
 
 
 def run_stage(
-    config: Config, topology: topo.Topology, learners: list[ModuleLearner], data: Any, send: Send
+    config: Config, topology: topo.Topology, stage: Stage, send: Send, save: Save | None = None
 ) -> None:
-    """Train this stage until END; records go to ``send``."""
-    worker, threads = _wire_stage(config, topology, learners, data, send)
+    """Train this stage until END; records go to ``send``, checkpoints to ``save``."""
+    worker, threads = _wire_stage(config, topology, stage, send, save)
     worker.run()
     for thread in threads:  # the sender finishes once END is on the wire
         thread.join()
 
 
 def _wire_stage(
-    config: Config, topology: topo.Topology, learners: list[ModuleLearner], data: Any, send: Send
+    config: Config, topology: topo.Topology, stage: Stage, send: Send, save: Save | None
 ) -> tuple[StageWorker, list[threading.Thread]]:
     """The stage with its inbox (fed by a receiver thread) and outbox (drained by a sender)."""
     p = config.pipeline
@@ -214,14 +248,18 @@ def _wire_stage(
         thread.start()
     worker = StageWorker(
         topology.stage,
-        learners,
-        _source(config, topology, data, inbox),
+        stage.learners,
+        _source(config, topology, stage, inbox),
         outbox,
         send,
         log_every=config.train.log_every,
         device=topology.device,
         inbox=inbox,
         links=threads,
+        save=save,
+        checkpoint_every=config.train.checkpoint_every,
+        start_step=stage.start_step,
+        steps_per_epoch=steps_per_epoch(stage.train_set, config.data.batch_size),
     )
     return worker, threads
 

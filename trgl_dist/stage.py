@@ -17,6 +17,7 @@ from trgl_dist.wire import Batch, Kind
 
 log = logging.getLogger(__name__)
 Send = Callable[[dict[str, Any]], Any]
+Save = Callable[[int, int], None]  # (step, epoch): write this stage's checkpoint of that step
 STAGE_RECORD_SECONDS = 2.0
 FORWARDED_MEMORY = 1024  # far more than any buffer holds, so a replayed step is always known
 
@@ -74,15 +75,23 @@ class StageWorker:
         device: torch.device,
         inbox: BatchBuffer | None = None,
         links: Sequence[Any] = (),
+        save: Save | None = None,
+        checkpoint_every: int = 0,
+        start_step: int = 0,
+        steps_per_epoch: int = 1,
     ):
         self.stage, self.learners, self.source, self.outbox = stage, list(learners), source, outbox
         self.send, self.log_every, self.device, self.inbox = send, log_every, device, inbox
         self.links = links  # the Receiver/Sender threads, for their transfer statistics
+        self.save, self.checkpoint_every = save, checkpoint_every
+        self.saved_step = start_step
         self.clock = StageClock()
         self.tally = self._new_tally(-1)
         self.forwarded: set[int] = set()  # replay: pass each train batch on once, at first use
-        self.last_epoch, self.epoch_started = 0, time.perf_counter()
-        self.step = 0
+        # A resumed stage continues inside the epoch of its checkpoint's last step.
+        self.last_epoch = max(start_step - 1, 0) // steps_per_epoch
+        self.epoch_started = time.perf_counter()
+        self.step = start_step
         self.peak_buffer_bytes = 0
         self._next_record = time.perf_counter() + STAGE_RECORD_SECONDS
 
@@ -115,6 +124,8 @@ class StageWorker:
                 self._record_train(learner, batch)
         self.clock.samples += len(y)
         self.step = batch.step
+        if self.checkpoint_every and batch.step % self.checkpoint_every == 0:
+            self._checkpoint()
         if batch.step in self.forwarded:
             return None  # a replayed batch: downstream already has it
         self.forwarded.add(batch.step)
@@ -124,7 +135,8 @@ class StageWorker:
 
     def _score(self, batch: Batch) -> Batch:
         assert batch.x is not None and batch.y is not None
-        if self.tally.epoch != batch.epoch:
+        if self.tally.epoch != batch.epoch:  # the epoch's test pass begins: checkpoint first
+            self._checkpoint()
             self.tally = self._new_tally(batch.epoch)
         h, y = batch.x.to(self.device), batch.y.to(self.device)
         for i, learner in enumerate(self.learners):
@@ -133,6 +145,14 @@ class StageWorker:
             self.tally.loss[i] += loss
         self.tally.samples += len(y)
         return Batch(Kind.EVAL, batch.step, batch.epoch, h, batch.y, batch.ids)
+
+    def _checkpoint(self) -> None:
+        """Save the state after this stage's last train step (once per step). Every stage
+        saves the same step numbers, so the files form a consistent cut of the pipeline."""
+        if self.save is None or self.step == self.saved_step:
+            return
+        self.save(self.step, self.last_epoch)
+        self.saved_step = self.step
 
     def _pass_on(self, batch: Batch) -> None:
         if self.outbox is None:

@@ -14,11 +14,13 @@ import torch
 from trgl_dist import cli
 from trgl_dist.config import Config, ConfigError, write_toml
 from trgl_dist.data import DataError, build_datasets
-from trgl_dist.learner import ModuleLearner, taus
+from trgl_dist.learner import build_learners
+from trgl_dist.manifest import CheckpointError
 from trgl_dist.network import build_network
 from trgl_dist.regimes import RUNNERS, Context
 from trgl_dist.report import format_console_report, write_report
 from trgl_dist.runlog import RunLog, read_metrics, summarize, write_summary
+from trgl_dist.snapshot import restore, run_meta, single_process_saver
 
 log = logging.getLogger("trgl_dist")
 
@@ -40,23 +42,23 @@ def device_for_single_process() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def build_learners(config: Config, spec_modules: list, epochs: int) -> list[ModuleLearner]:
-    tau = taus(config, len(spec_modules))
-    return [
-        ModuleLearner(k, module, config, tau[k], epochs) for k, module in enumerate(spec_modules)
-    ]
-
-
-def run_single_process(config: Config) -> int:
-    """e2e, parallel, sequential or multilap in this process."""
+def run_single_process(config: Config, resume: bool = False) -> int:
+    """e2e, parallel, sequential or multilap in this process (``resume``: from the run's
+    last complete checkpoint)."""
     torch.manual_seed(config.train.seed)
     train_set, test_set, spec = build_datasets(config.data, config.train.seed)
     modules, counts = build_network(config, spec)
     device = device_for_single_process()
     for module in modules:
         module.to(device)
-    learners = build_learners(config, modules, config.train.epochs)
+    learners = build_learners(config, modules)
     run_dir = run_directory(config)
+    meta = {
+        **run_meta(config, counts, stages=1),
+        "input": [spec.channels, spec.size, spec.size],
+        "num_classes": spec.num_classes,
+    }
+    position = restore(run_dir, learners, meta, stage=0)[1] if resume else {}
     write_toml(config, run_dir / "config.toml")
     log.info(
         "%s: %s, %d modules of %s blocks, %s on %s, %d training samples -> %s",
@@ -69,14 +71,15 @@ def run_single_process(config: Config) -> int:
         len(train_set),
         run_dir,
     )
-    runlog = RunLog(run_dir)
-    ctx = Context(config, learners, train_set, test_set, device, runlog.record)
-    started = time.perf_counter()
+    runlog = RunLog(run_dir, append=resume)
+    save = single_process_saver(run_dir, learners, meta, config.train.keep_checkpoints)
+    ctx = Context(
+        config, learners, train_set, test_set, device, runlog.record, save=save, position=position
+    )
     try:
         RUNNERS[config.train.regime](ctx)
     finally:
         runlog.close()
-    wall = time.perf_counter() - started
     records = read_metrics(run_dir / "metrics.jsonl")
     summary = summarize(
         records,
@@ -84,7 +87,6 @@ def run_single_process(config: Config) -> int:
         num_modules=len(modules),
         extra={
             "blocks_per_module": counts,
-            "wall_seconds": wall,
             "samples_per_s": ctx.samples_seen / max(sum(ctx.epoch_times), 1e-9),
         },
     )
@@ -98,13 +100,14 @@ def run_single_process(config: Config) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     try:
-        config, _extras = cli.parse(argv)
+        config, extras = cli.parse(argv)
+        resume = extras.resume is not None
         if int(os.environ.get("WORLD_SIZE", "1")) > 1 or config.train.regime == "pipeline":
             from trgl_dist.pipeline import run_pipeline
 
-            return run_pipeline(config.replace("train", regime="pipeline"))
-        return run_single_process(config)
-    except (ConfigError, DataError) as err:
+            return run_pipeline(config.replace("train", regime="pipeline"), resume=resume)
+        return run_single_process(config, resume=resume)
+    except (ConfigError, DataError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except FloatingPointError as err:

@@ -211,3 +211,19 @@ def write_report(
     ]
     (out / "table.md").write_text("\n".join(lines))
     return aggregate
+
+
+BEGIN, END = "<!-- results:begin (generated from table.md) -->", "<!-- results:end -->"
+
+
+def embed_in_readme(readme: Path, table: Path) -> bool:
+    """Replace the README's block between the result markers by table.md, verbatim."""
+    if not readme.is_file():
+        return False
+    text = readme.read_text()
+    if BEGIN not in text or END not in text:
+        return False
+    head, rest = text.split(BEGIN, 1)
+    tail = rest.split(END, 1)[1]
+    readme.write_text(f"{head}{BEGIN}\n{table.read_text().rstrip()}\n{END}{tail}")
+    return True

@@ -35,8 +35,8 @@ from experiments import (  # noqa: E402
     regime_runs,
     tau_sweep,
 )
-from report import write_report  # noqa: E402
-from runner import execute  # noqa: E402
+from report import embed_in_readme, write_report  # noqa: E402
+from runner import execute, package_version  # noqa: E402
 from stats import pick_best  # noqa: E402
 
 log = logging.getLogger("accuracy")
@@ -140,12 +140,17 @@ def main(argv: list[str] | None = None) -> int:
     study = Study(preset, out, args.work_dir or out / "runs", train=not args.report_only)
     flags = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--report-only"]
     command = shlex.join(["python", "benchmarks/accuracy/run.py", *flags])
+    version = package_version()
     choice = run_study(study)
     partial = bool(study.missing)
     if partial:
         log.warning("%d planned runs have no record: the report is PARTIAL", len(study.missing))
+    choice = {**choice, "package": version}
     write_report(out, preset, list(study.results.values()), choice, command, partial)
     log.info("wrote %s", out / "table.md")
+    is_committed = preset.name == "full" and out.resolve() == (HERE / "results/full").resolve()
+    if is_committed and embed_in_readme(HERE / "README.md", out / "table.md"):
+        log.info("README.md now quotes %s", out / "table.md")
     # A sweep point may legitimately diverge; any other failure fails the study.
     failed = [r["id"] for r in study.results.values()
               if r["status"] != "ok" and r["phase"] != "sweep"]

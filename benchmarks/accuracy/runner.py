@@ -21,6 +21,17 @@ REPO = Path(__file__).resolve().parents[2]
 PIPELINE_TIMEOUT_S = 1800
 
 
+def package_version() -> dict[str, Any]:
+    """The commit the runs were made with, and whether trgl_dist had uncommitted changes."""
+    def git(*args: str) -> str:
+        done = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True,
+                              timeout=30, check=False)
+        return done.stdout.strip()
+
+    return {"commit": git("rev-parse", "HEAD"),
+            "package_changes": git("status", "--porcelain", "trgl_dist").splitlines()}
+
+
 def _is_final(ctx: Any, epoch: int, upto: int | None) -> bool:
     """True for the one evaluation a run needs: after the last epoch of the last module.
 
@@ -43,22 +54,25 @@ def final_evaluation_only() -> Iterator[None]:
     evaluation scores every module, as the unpatched code does after its last epoch."""
     from trgl_dist.regimes import common, e2e, parallel, sequential
 
+    scoring = common.evaluate
+
     def evaluate(ctx: Any, epoch: int, upto: int | None = None, only: Any = None) -> list[float]:
         if not _is_final(ctx, epoch, upto):
             return []
         if ctx.config.train.regime in ("sequential", "multilap"):
-            return common.evaluate(ctx, epoch)
-        return common.evaluate(ctx, epoch, upto, only)
+            return scoring(ctx, epoch)
+        return scoring(ctx, epoch, upto, only)
 
-    patched = (parallel, e2e, sequential)
+    # Every regime module that calls evaluate through its own global name.
+    patched = [m for m in (common, parallel, e2e, sequential) if hasattr(m, "evaluate")]
     originals = [m.evaluate for m in patched]
     for module in patched:
-        module.evaluate = evaluate  # type: ignore[attr-defined]
+        module.evaluate = evaluate
     try:
         yield
     finally:
         for module, original in zip(patched, originals, strict=True):
-            module.evaluate = original  # type: ignore[attr-defined]
+            module.evaluate = original
 
 
 @contextlib.contextmanager
@@ -85,11 +99,11 @@ def _train_in_process(flags: list[str], final_only: bool) -> int:
             return main(flags)
 
 
-def _train_torchrun(flags: list[str], ranks: int, run_dir: Path) -> int:
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone",
-        f"--nproc_per_node={ranks}", "-m", "trgl_dist.train", *flags,
-    ]
+def _train_subprocess(flags: list[str], ranks: int, run_dir: Path) -> int:
+    """A fresh process (torchrun when ranks > 1): the pipeline check compares two runs of
+    the package as it is on disk at the same moment, whatever this process imported."""
+    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"]
+    command = [sys.executable, *(launcher if ranks > 1 else []), "-m", "trgl_dist.train", *flags]
     path = f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
     with open(run_dir.parent / f"{run_dir.name}.log", "w", encoding="utf-8") as out:
@@ -125,7 +139,9 @@ def execute(preset: Preset, spec: RunSpec, work_dir: Path) -> dict[str, Any]:
     flags = [*train_flags(preset, spec), "--out", str(run_dir)]
     started = time.perf_counter()
     if spec.regime == "pipeline":
-        code = _train_torchrun(flags, preset.pipeline_ranks, run_dir)
+        code = _train_subprocess(flags, preset.pipeline_ranks, run_dir)
+    elif spec.phase == "pipeline":
+        code = _train_subprocess(flags, 1, run_dir)
     else:
         code = _train_in_process(flags, spec.final_eval_only)
     seconds = time.perf_counter() - started

@@ -97,7 +97,7 @@ def stage_buffers(net: Network, stage: int, batch: int, capacity: int) -> list[t
     return held
 
 
-def batch_mib(net: Network, shape: tuple[int, ...], batch: int) -> float:
+def batch_mib(shape: tuple[int, ...], batch: int) -> float:
     """MiB of one wire batch: activations plus int64 labels and sample ids."""
     numel = 1
     for side in shape:
@@ -124,8 +124,13 @@ def measure_stage(net: Network, setting: Setting, stage: int) -> dict[str, Any]:
     extra = 0.0
     if stage > 0:
         shape = input_shape(net, stage)
-        extra = (cap + 1) * (batch_mib(net, shape, EVAL_BATCH_FACTOR * batch) - batch_mib(net, shape, batch))
-    epoch_end = {**train, "batch_buffers": train["batch_buffers"] + extra, "total": train["total"] + extra}
+        larger = batch_mib(shape, EVAL_BATCH_FACTOR * batch) - batch_mib(shape, batch)
+        extra = (cap + 1) * larger
+    epoch_end = {
+        **train,
+        "batch_buffers": train["batch_buffers"] + extra,
+        "total": train["total"] + extra,
+    }
     worst = max((train, epoch_end, test), key=lambda p: p["total"])
     return {"stage": stage, "train": train, "epoch_end": epoch_end, "test": test, "worst": worst}
 

@@ -24,8 +24,8 @@ from tracker import MIB  # noqa: E402
 
 from trgl_dist.learner import ModuleLearner, build_optimizer, taus  # noqa: E402
 from trgl_dist.method import local_loss  # noqa: E402
-from trgl_dist.modules import build_modules  # noqa: E402
 from trgl_dist.models import build_backbone  # noqa: E402
+from trgl_dist.modules import build_modules  # noqa: E402
 
 log = logging.getLogger("memory.rss_probe")
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import platform
 import subprocess
 import sys
@@ -26,15 +27,23 @@ sys.path.insert(1, str(HERE.parents[1]))  # the repo root: trgl_dist without ins
 
 import torch  # noqa: E402
 from experiments import Setting, measure_config, measure_e2e  # noqa: E402
-from tables import report  # noqa: E402
+from memory_tables import report  # noqa: E402
 
 log = logging.getLogger("memory.run")
 PROBE_TIMEOUT_S = 600
+#: glibc serves allocations above its mmap threshold with mmap and unmaps them on free. By
+#: default that threshold grows to 32 MiB after the first large free, so activations end up
+#: in the heap, whose freed pages stay resident: peak RSS then overstates the live tensors.
+#: Pinning the threshold at 128 KiB makes RSS follow the live tensors.
+ALLOCATORS: dict[str, dict[str, str]] = {
+    "glibc default": {},
+    "MALLOC_MMAP_THRESHOLD_=131072": {"MALLOC_MMAP_THRESHOLD_": "131072"},
+}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="equal-depth TRGL only, short check")
+    p.add_argument("--quick", action="store_true", help="K = 4, 16, equal-depth TRGL, one batch")
     p.add_argument("--model", default="resnet110")
     p.add_argument("--size", type=int, default=96, help="input side (3 x size x size)")
     p.add_argument("--width", type=int, default=0, help="0: the model's default width")
@@ -52,7 +61,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=HERE / "results")
     args = p.parse_args(argv)
     if args.quick:
-        args.splits, args.methods = ["equal-depth"], ["trgl"]
+        args.modules, args.splits, args.methods = [4, 16], ["equal-depth"], ["trgl"]
         args.check_batches, args.check_steps = [64], 2
     return args
 
@@ -69,8 +78,10 @@ def run_grid(setting: Setting, args: argparse.Namespace) -> dict[str, Any]:
     return {"e2e": e2e, "configs": configs}
 
 
-def probe(setting: Setting, modules: int, regime: str, steps: int) -> dict[str, Any]:
-    """One real run in a fresh process (its own peak RSS)."""
+def probe(
+    setting: Setting, modules: int, regime: str, steps: int, allocator: str
+) -> dict[str, Any]:
+    """One real run in a fresh process (its own peak RSS), under ``ALLOCATORS[allocator]``."""
     command = [
         sys.executable,
         str(HERE / "rss_probe.py"),
@@ -83,7 +94,8 @@ def probe(setting: Setting, modules: int, regime: str, steps: int) -> dict[str, 
         "--steps",
         str(steps),
     ]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=PROBE_TIMEOUT_S)
+    env = {**os.environ, **ALLOCATORS[allocator]}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=PROBE_TIMEOUT_S, env=env)
     if done.returncode != 0:
         raise RuntimeError(f"rss probe failed: {done.stderr[-2000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -100,10 +112,12 @@ def estimator_check(args: argparse.Namespace) -> dict[str, Any]:
             "parallel": lock["lockstep"]["total"],
             "e2e": measure_e2e(setting, args.check_modules)["total"],
         }
-        for regime, estimate in estimates.items():
-            real = probe(setting, args.check_modules, regime, args.check_steps)
-            rows.append({**real, "batch_size": batch, "estimate_mib": estimate})
-            log.info("check %s batch %d: %s", regime, batch, rows[-1])
+        for allocator in ALLOCATORS:
+            for regime, estimate in estimates.items():
+                real = probe(setting, args.check_modules, regime, args.check_steps, allocator)
+                row = {**real, "allocator": allocator, "batch_size": batch}
+                rows.append({**row, "estimate_mib": estimate})
+                log.info("check: %s", rows[-1])
     return {
         "setting": base.to_dict(),
         "modules": args.check_modules,
@@ -115,17 +129,30 @@ def estimator_check(args: argparse.Namespace) -> dict[str, Any]:
 def slopes(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
     """Per-sample growth between the smallest and largest batch: constant overheads cancel."""
     out = {}
-    for regime in ("parallel", "e2e"):
-        mine = sorted((r for r in rows if r["regime"] == regime), key=lambda r: r["batch_size"])
-        if len(mine) < 2:
-            continue
-        lo, hi = mine[0], mine[-1]
-        span = hi["batch_size"] - lo["batch_size"]
-        out[regime] = {
-            "real_mib": (hi["growth_mib"] - lo["growth_mib"]) / span,
-            "estimate_mib": (hi["estimate_mib"] - lo["estimate_mib"]) / span,
-        }
+    for allocator in ALLOCATORS:
+        for regime in ("parallel", "e2e"):
+            mine = [r for r in rows if r["regime"] == regime and r["allocator"] == allocator]
+            mine.sort(key=lambda r: r["batch_size"])
+            if len(mine) >= 2:
+                out[f"{regime}, {allocator}"] = slope(mine[0], mine[-1])
     return out
+
+
+def slope(lo: dict[str, Any], hi: dict[str, Any]) -> dict[str, float]:
+    span = hi["batch_size"] - lo["batch_size"]
+    return {
+        "real_mib": (hi["growth_mib"] - lo["growth_mib"]) / span,
+        "estimate_mib": (hi["estimate_mib"] - lo["estimate_mib"]) / span,
+    }
+
+
+def cpu_model() -> str:
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor() or platform.machine()
+    names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
+    return names[0] if names else platform.machine()
 
 
 def environment() -> dict[str, Any]:
@@ -137,7 +164,8 @@ def environment() -> dict[str, Any]:
         "torch": torch.__version__,
         "torchvision": torchvision.__version__,
         "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
+        "cpu_model": cpu_model(),
+        "libc": " ".join(platform.libc_ver()),
         "cpus": psutil.cpu_count(),
         "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
         "command": " ".join(["python", "benchmarks/memory/run.py", *sys.argv[1:]]),

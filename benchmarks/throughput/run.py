@@ -36,11 +36,11 @@ from trgl_dist.split import balanced_partition, equal_depth, profile_times  # no
 log = logging.getLogger("throughput")
 PRESETS: dict[str, dict[str, Any]] = {
     "full": {"model": "resnet110", "width": 0, "batch_size": 32, "steps": 24, "warmup": 4,
-             "ks": (2, 4), "microbatches": (2, 4, 8), "threads": (1, 2)},
+             "ks": (2, 4), "microbatches": (1, 2, 4), "threads": (1, 2)},
     "quick": {"model": "resnet-small", "width": 16, "batch_size": 32, "steps": 16, "warmup": 3,
-              "ks": (2, 4), "microbatches": (2, 4), "threads": (1, 2)},
+              "ks": (2, 4), "microbatches": (1, 2), "threads": (1, 2)},
     "tiny": {"model": "resnet-small", "width": 4, "batch_size": 8, "steps": 4, "warmup": 1,
-             "ks": (2,), "microbatches": (2,), "threads": (1,)},
+             "ks": (2,), "microbatches": (1,), "threads": (1,)},
 }  # fmt: skip
 SPLITS = ("equal-depth", "equal-time")
 TIMEOUT_S = 900.0
@@ -106,7 +106,8 @@ def measure_k(
         cores = min(k, os.cpu_count() or 1)
         numbers["cpu_bound_samples_per_s"] = setting.batch_size * cores / sum(stage_s)
         out["splits"][split] = numbers
-    runs = [(s, m) for s in ("gpipe", "1f1b") for m in preset["microbatches"]]
+    # Micro-batches per batch: multiples of K (Schedule1F1B needs at least K).
+    runs = [(s, f * k) for s in ("gpipe", "1f1b") for f in preset["microbatches"]]
     path = tmp / f"d{k}.json"
     out["pipelining"] = launch.gpipe(by_split["equal-depth"], runs, path, TIMEOUT_S, args.lock)
     return out

@@ -14,7 +14,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from trgl_dist.config import Config
-from trgl_dist.data import IndexedImages, make_loader
+from trgl_dist.data import IndexedImages, make_loader, steps_per_epoch
 from trgl_dist.learner import ModuleLearner
 
 log = logging.getLogger(__name__)
@@ -33,6 +33,9 @@ class Context:
     record: Record
     samples_seen: int = 0
     epoch_times: list[float] = field(default_factory=list)
+    # save(step, position): writes a checkpoint; position is what a resumed run needs
+    save: Callable[[int, dict[str, Any]], None] = lambda step, position: None
+    position: dict[str, Any] = field(default_factory=dict)  # restored from a checkpoint
 
     @property
     def max_steps(self) -> int:
@@ -42,7 +45,9 @@ class Context:
         return 0 < self.max_steps <= learner.steps
 
 
-def batches(ctx: Context, epoch: int, desc: str) -> Iterator[tuple[Tensor, Tensor]]:
+def batches(
+    ctx: Context, epoch: int, desc: str, skip: int = 0
+) -> Iterator[tuple[Tensor, Tensor]]:
     """Training batches of one epoch on the device, with a progress bar on a terminal."""
     d = ctx.config.data
     loader = make_loader(
@@ -52,6 +57,7 @@ def batches(ctx: Context, epoch: int, desc: str) -> Iterator[tuple[Tensor, Tenso
         seed=ctx.config.train.seed,
         epoch=epoch,
         workers=d.workers,
+        skip_batches=skip,
     )
     bar = tqdm(loader, desc=desc, leave=False, disable=not sys.stderr.isatty(), unit="batch")
     for x, y, _ids in bar:
@@ -128,3 +134,34 @@ def end_epoch(ctx: Context, epoch: int, started: float, learners: Sequence[Modul
         learner.scheduler.step()
     step = max(learner.steps for learner in learners)
     ctx.record({"kind": "epoch", "step": step, "epoch": epoch, "seconds": seconds})
+
+
+def run_epochs(
+    ctx: Context,
+    step: Callable[[Tensor, Tensor], None],
+    trained: Sequence[ModuleLearner],
+    scored: Sequence[int] | None = None,
+) -> None:
+    """Lock-step epochs (parallel, e2e): ``step`` trains on one batch; the last of ``trained``
+    counts the steps. Checkpoints every --checkpoint-every steps and at each epoch end; a
+    resumed run continues at exactly the batch after its checkpoint."""
+    t = ctx.config.train
+    counter = trained[-1]
+    per_epoch = steps_per_epoch(ctx.train_set, ctx.config.data.batch_size)
+    first_epoch, skip = divmod(counter.steps, per_epoch)
+    for epoch in range(first_epoch, t.epochs):
+        if ctx.out_of_steps(counter):
+            break
+        started = time.perf_counter()
+        for x, y in batches(ctx, epoch, f"epoch {epoch + 1}", skip if epoch == first_epoch else 0):
+            step(x, y)
+            for learner in trained:
+                if learner.steps % t.log_every == 0:
+                    log_train(ctx, learner, epoch)
+            if t.checkpoint_every and counter.steps % t.checkpoint_every == 0:
+                ctx.save(counter.steps, {})
+            if ctx.out_of_steps(counter):
+                break
+        end_epoch(ctx, epoch, started, trained)
+        evaluate(ctx, epoch, only=scored)
+        ctx.save(counter.steps, {})

@@ -64,27 +64,42 @@ def _module_batches(
 
 def train_sequential(ctx: Context) -> None:
     """sequential: module k trains N_k epochs, then freezes. multilap: R laps of N_k/R epochs each,
-    the optimizer state carried from lap to lap. Same total budget either way."""
+    the optimizer state carried from lap to lap. Same total budget either way.
+
+    A checkpoint follows every module epoch; a resumed run skips the epochs already done
+    (work since the last module epoch is redone)."""
     config = ctx.config
     laps = config.train.laps if config.train.regime == "multilap" else 1
     budgets = module_epochs(config.train, len(ctx.learners))
     schedule = [lap_epochs(n, laps) for n in budgets]
-    done = [0] * len(ctx.learners)  # epochs trained per module so far
+    done = list(ctx.position.get("epochs_done", [0] * len(ctx.learners)))  # epochs per module
     use_cache = config.train.cache_frozen and laps == 1
     for lap in range(laps):
         for k, learner in enumerate(ctx.learners):
+            target = sum(schedule[k][: lap + 1])
+            if done[k] >= target:
+                continue
             frozen = ctx.learners[:k]
             cache = _cached_inputs(ctx, frozen, done[k]) if use_cache and k > 0 else None
-            for _ in range(schedule[k][lap]):
-                if ctx.out_of_steps(learner):
-                    break
-                epoch, started = done[k], time.perf_counter()
-                for h, y in _module_batches(ctx, frozen, epoch, cache):
-                    learner.train_step(h, y)
-                    if learner.steps % config.train.log_every == 0:
-                        log_train(ctx, learner, epoch)
-                    if ctx.out_of_steps(learner):
-                        break
-                end_epoch(ctx, epoch, started, [learner])
-                evaluate(ctx, epoch, upto=k + 1, only=[k])
+            while done[k] < target and not ctx.out_of_steps(learner):
+                _module_epoch(ctx, learner, frozen, done[k], cache)
                 done[k] += 1
+                ctx.save(sum(lr.steps for lr in ctx.learners), {"epochs_done": list(done)})
+
+
+def _module_epoch(
+    ctx: Context,
+    learner: ModuleLearner,
+    frozen: Sequence[ModuleLearner],
+    epoch: int,
+    cache: tuple[Tensor, Tensor] | None,
+) -> None:
+    started = time.perf_counter()
+    for h, y in _module_batches(ctx, frozen, epoch, cache):
+        learner.train_step(h, y)
+        if learner.steps % ctx.config.train.log_every == 0:
+            log_train(ctx, learner, epoch)
+        if ctx.out_of_steps(learner):
+            break
+    end_epoch(ctx, epoch, started, [learner])
+    evaluate(ctx, epoch, upto=len(frozen) + 1, only=[len(frozen)])

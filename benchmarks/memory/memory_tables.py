@@ -59,7 +59,9 @@ def breakdown_table(results: dict[str, Any], config: dict[str, Any]) -> str:
     head = (
         f"K = {config['modules']}, {config['split']}, {config['method']} "
         f"(blocks {'/'.join(map(str, config['counts']))}), MiB at the peak:\n\n"
-        "| run | " + " | ".join(BREAKDOWN) + " | total | saving % |\n"
+        "| run | "
+        + " | ".join(BREAKDOWN)
+        + " | total | saving % |\n"
         + "|---" * (len(BREAKDOWN) + 3)
         + "|\n"
     )
@@ -73,14 +75,15 @@ def breakdown_table(results: dict[str, Any], config: dict[str, Any]) -> str:
 def estimator_table(check: dict[str, Any]) -> str:
     """Real peak RSS growth of a small CPU run against the MemTracker estimate."""
     head = (
-        "| regime | batch | real RSS growth MiB | MemTracker estimate MiB | difference MiB "
-        "| difference % of real |\n|---|---|---|---|---|---|\n"
+        "| allocator | regime | batch | real RSS growth MiB | MemTracker estimate MiB "
+        "| difference MiB | difference % of real |\n|---|---|---|---|---|---|---|\n"
     )
     rows = []
     for row in check["rows"]:
         diff = row["growth_mib"] - row["estimate_mib"]
         rows.append(
-            f"| {row['regime']} | {row['batch_size']} | {row['growth_mib']:.0f} "
+            f"| {row['allocator']} | {row['regime']} | {row['batch_size']} "
+            f"| {row['growth_mib']:.0f} "
             f"| {row['estimate_mib']:.0f} | {diff:+.0f} | {100 * diff / row['growth_mib']:+.1f} |"
         )
     text = head + "\n".join(rows) + "\n"

@@ -1,0 +1,125 @@
+"""TRGL vs VanGL step time on the same model and K, as a ratio (target <= 1.03).
+
+One process, one thread, warm, the two methods interleaved step by step, median of many
+lock-step batches (each module's real ``ModuleLearner.train_step``). Also: the per-op
+profile of the difference, the transport cost alone, and the same comparison with the
+prototype fused transport cost of ``fused.py`` (before/after). Writes
+results/overhead.json and results/overhead.md.
+
+    python benchmarks/overhead/run.py            # K = 2, 4, 8, 16 (about 9 minutes)
+    python benchmarks/overhead/run.py --quick    # K = 4, fewer steps (under 3 minutes)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(1, str(HERE.parents[1]))  # the repo root: trgl_dist without installing it
+
+import fused  # noqa: E402
+import torch  # noqa: E402
+from op_profile import op_differences, op_times, transport_alone  # noqa: E402
+from ratio_tables import report  # noqa: E402
+from timing import Setting, compare  # noqa: E402
+
+log = logging.getLogger("overhead.run")
+TARGET = 1.03
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="K = 4, 6 timed steps")
+    p.add_argument("--model", default="resnet110")
+    p.add_argument("--size", type=int, default=32, help="input side (3 x size x size)")
+    p.add_argument("--width", type=int, default=0, help="0: the model's default width")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--modules", type=int, nargs="+", default=[2, 4, 8, 16])
+    p.add_argument("--steps", type=int, default=10, help="timed steps per method")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--profile-steps", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=20, help="transport-alone timings")
+    p.add_argument("--out", type=Path, default=HERE / "results")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.modules, args.steps, args.warmup = [4], 6, 1
+    return args
+
+
+def run(setting: Setting, args: argparse.Namespace) -> dict[str, Any]:
+    results: dict[str, Any] = {"package": [], "prototype": []}
+    for k in args.modules:
+        results["package"].append(compare(setting, k))
+        log.info("K=%d package: %s", k, results["package"][-1])
+        results["prototype"].append(compare(setting, k, fused.transport_cost))
+        log.info("K=%d prototype: %s", k, results["prototype"][-1])
+    k = args.modules[0]
+    short = replace(setting, steps=args.profile_steps)
+    results["profile"] = {"modules": k, "ops": op_differences(op_times(short, k, short.steps))}
+    results["transport_alone"] = {
+        "modules": k,
+        **transport_alone(setting, k, fused.transport_cost, args.repeats),
+    }
+    return results
+
+
+def cpu_model() -> str:
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor() or platform.machine()
+    names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
+    return names[0] if names else platform.machine()
+
+
+def environment() -> dict[str, Any]:
+    import psutil
+    import torchvision
+
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "platform": platform.platform(),
+        "cpu_model": cpu_model(),
+        "libc": " ".join(platform.libc_ver()),
+        "cpus": psutil.cpu_count(),
+        "threads": 1,
+        "command": " ".join(["python", "benchmarks/overhead/run.py", *sys.argv[1:]]),
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    started = time.perf_counter()
+    setting = Setting(
+        model=args.model,
+        size=args.size,
+        width=args.width,
+        batch_size=args.batch_size,
+        steps=args.steps,
+        warmup=args.warmup,
+    )
+    results: dict[str, Any] = {"setting": setting.to_dict(), "target": TARGET}
+    results["environment"] = environment()
+    results.update(run(setting, args))
+    results["seconds"] = time.perf_counter() - started
+    args.out.mkdir(parents=True, exist_ok=True)
+    name = "overhead_quick" if args.quick else "overhead"
+    (args.out / f"{name}.json").write_text(json.dumps(results, indent=1))
+    (args.out / f"{name}.md").write_text(report(results))
+    log.info("wrote %s in %.0f s", args.out / f"{name}.md", results["seconds"])
+
+
+if __name__ == "__main__":
+    main()

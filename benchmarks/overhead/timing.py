@@ -1,0 +1,146 @@
+"""Paired, interleaved step timings of VanGL and TRGL learners on identical modules."""
+
+from __future__ import annotations
+
+import copy
+import statistics
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+import trgl_dist.method
+from trgl_dist.config import Config
+from trgl_dist.learner import ModuleLearner, taus
+from trgl_dist.models import InputSpec
+from trgl_dist.network import build_network
+
+METHODS = ("vanilla", "trgl")
+TransportCost = Callable[..., Tensor]
+
+
+@dataclass(frozen=True)
+class Setting:
+    """Model, input and work of one comparison (same for both methods)."""
+
+    model: str = "resnet110"
+    channels: int = 3
+    size: int = 32
+    num_classes: int = 10
+    width: int = 0
+    batch_size: int = 64
+    warmup: int = 2  # untimed steps per method
+    steps: int = 15  # timed steps per method
+    seed: int = 0
+
+    @property
+    def spec(self) -> InputSpec:
+        return InputSpec(self.channels, self.size, self.num_classes)
+
+    def config(self, modules: int, method: str) -> Config:
+        return (
+            Config()
+            .replace("model", name=self.model, modules=modules, width=self.width)
+            .replace("method", name=method)
+            .replace("data", batch_size=self.batch_size)
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def build_pair(setting: Setting, modules: int) -> dict[str, list[ModuleLearner]]:
+    """Learners of both methods on copies of the same initial modules (trgl_dist's build)."""
+    torch.manual_seed(setting.seed)
+    mods, _ = build_network(setting.config(modules, "trgl"), setting.spec)
+    out = {}
+    for method in METHODS:
+        config = setting.config(modules, method)
+        tau = taus(config, modules)
+        copies = copy.deepcopy(mods)
+        out[method] = [ModuleLearner(k, m, config, tau[k]) for k, m in enumerate(copies)]
+    return out
+
+
+def timed_step(learners: list[ModuleLearner], x: Tensor, y: Tensor) -> list[float]:
+    """One lock-step batch (``regimes/parallel.py``): seconds of each module's train_step."""
+    seconds = []
+    h = x
+    for learner in learners:
+        started = time.perf_counter()
+        h = learner.train_step(h, y)
+        seconds.append(time.perf_counter() - started)
+    return seconds
+
+
+def interleaved(
+    pair: dict[str, list[ModuleLearner]], setting: Setting
+) -> dict[str, list[list[float]]]:
+    """Per method, per timed step, per module seconds. The order of the two methods
+    alternates every step so drift and cache effects fall on both alike."""
+    s = setting.spec
+    g = torch.Generator().manual_seed(setting.seed)
+    x = torch.randn(setting.batch_size, s.channels, s.size, s.size, generator=g)
+    y = torch.randint(0, s.num_classes, (setting.batch_size,), generator=g)
+    times: dict[str, list[list[float]]] = {m: [] for m in METHODS}
+    for step in range(setting.warmup + setting.steps):
+        order = METHODS if step % 2 == 0 else METHODS[::-1]
+        for method in order:
+            seconds = timed_step(pair[method], x, y)
+            if step >= setting.warmup:
+                times[method].append(seconds)
+    return times
+
+
+def summarize(times: dict[str, list[list[float]]]) -> dict[str, Any]:
+    """Median step times, their ratio, the median of the paired per-step ratios, per module."""
+    totals = {m: [sum(step) for step in times[m]] for m in METHODS}
+    median = {m: statistics.median(totals[m]) for m in METHODS}
+    paired = [t / v for t, v in zip(totals["trgl"], totals["vanilla"])]
+    modules = len(times["vanilla"][0])
+    per_module = [
+        statistics.median(s[k] for s in times["trgl"])
+        / statistics.median(s[k] for s in times["vanilla"])
+        for k in range(modules)
+    ]
+    return {
+        "median_step_s": median,
+        "ratio": median["trgl"] / median["vanilla"],
+        "paired_ratio_median": statistics.median(paired),
+        "paired_ratio_min": min(paired),
+        "paired_ratio_max": max(paired),
+        "per_module_ratio": per_module,
+        "steps": len(paired),
+    }
+
+
+@contextmanager
+def transport_impl(impl: TransportCost | None) -> Iterator[None]:
+    """Use ``impl`` as trgl_dist's transport cost inside the block (None: keep the package's).
+
+    ``local_loss`` looks ``transport_cost`` up in its module at every call.
+    """
+    original = trgl_dist.method.transport_cost
+    if impl is not None:
+        trgl_dist.method.transport_cost = impl
+    try:
+        yield
+    finally:
+        trgl_dist.method.transport_cost = original
+
+
+def compare(setting: Setting, modules: int, impl: TransportCost | None = None) -> dict[str, Any]:
+    """VanGL vs TRGL on one model and K, one thread, warm, interleaved."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        pair = build_pair(setting, modules)
+        with transport_impl(impl):
+            result = summarize(interleaved(pair, setting))
+    finally:
+        torch.set_num_threads(threads)
+    return {"modules": modules, **result}

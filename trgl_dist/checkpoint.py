@@ -1,0 +1,56 @@
+"""Stage checkpoint files: written atomically, read with ``torch.load(weights_only=True)``.
+
+The layout and the manifest that declares a checkpoint complete live in manifest.py.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from trgl_dist.manifest import CheckpointError, stage_file
+
+log = logging.getLogger(__name__)
+
+
+def save_stage(run_dir: Path, step: int, stage: int, state: dict[str, Any]) -> Path:
+    """Write one stage's state (atomically: tmp file then rename)."""
+    path = stage_file(run_dir, step, stage)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def load_stage(run_dir: Path, step: int, stage: int) -> dict[str, Any]:
+    path = stage_file(run_dir, step, stage)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing") from None
+    except Exception as err:  # noqa: BLE001 - truncated, corrupted or foreign: one line
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(
+            f"{path}: cannot be loaded (corrupted or truncated?): {first}"
+        ) from None
+    if not isinstance(state, dict) or "learners" not in state:
+        raise CheckpointError(f"{path}: not a trgl_dist stage checkpoint")
+    return state
+
+
+def rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

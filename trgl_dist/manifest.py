@@ -1,0 +1,94 @@
+"""Checkpoint layout and manifests (no torch here, so the coordinator can write them).
+
+Layout: RUN_DIR/checkpoints/step-N/stage-S.pt and RUN_DIR/checkpoints/step-N/manifest.json.
+A step directory without its manifest is incomplete and ignored, so a run killed at any
+instant leaves the last complete checkpoint loadable.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used; the message says which and why, in one line."""
+
+
+def step_dir(run_dir: Path, step: int) -> Path:
+    return Path(run_dir) / "checkpoints" / f"step-{step:08d}"
+
+
+def stage_file(run_dir: Path, step: int, stage: int) -> Path:
+    return step_dir(run_dir, step) / f"stage-{stage}.pt"
+
+
+def write_manifest(run_dir: Path, step: int, meta: dict[str, Any], keep: int = 0) -> Path:
+    """Declare step ``step`` complete (after every stage file is on disk); prune old ones."""
+    directory = step_dir(run_dir, step)
+    stages = int(meta["stages"])
+    missing = [s for s in range(stages) if not stage_file(run_dir, step, s).exists()]
+    if missing:
+        raise CheckpointError(f"checkpoint step {step}: stage files {missing} are missing")
+    tmp = directory / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps({"format": FORMAT_VERSION, "step": step, **meta}, indent=1))
+    os.replace(tmp, directory / MANIFEST)
+    if keep > 0:
+        for old in complete_steps(run_dir)[:-keep]:
+            shutil.rmtree(step_dir(run_dir, old), ignore_errors=True)
+    return directory / MANIFEST
+
+
+def complete_steps(run_dir: Path) -> list[int]:
+    """Steps with a manifest, oldest first."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    steps = []
+    for child in root.iterdir():
+        if child.name.startswith("step-") and (child / MANIFEST).is_file():
+            try:
+                steps.append(int(child.name[5:]))
+            except ValueError:
+                continue
+    return sorted(steps)
+
+
+def read_manifest(run_dir: Path, step: int) -> dict[str, Any]:
+    path = step_dir(run_dir, step) / MANIFEST
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{path}: unreadable manifest ({err})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path}: not a trgl_dist checkpoint manifest of format {FORMAT_VERSION}"
+        )
+    return manifest
+
+
+def latest(run_dir: Path) -> tuple[int, dict[str, Any]] | None:
+    """The newest complete checkpoint (step, manifest), or None."""
+    steps = complete_steps(run_dir)
+    if not steps:
+        return None
+    return steps[-1], read_manifest(run_dir, steps[-1])
+
+
+def check_compatible(manifest: dict[str, Any], expected: dict[str, Any]) -> None:
+    """Refuse a checkpoint of another model, module count or split, naming the difference."""
+    for key, value in expected.items():
+        saved = manifest.get(key)
+        if isinstance(value, tuple):
+            value = list(value)
+        if saved != value:
+            raise CheckpointError(
+                f"checkpoint step {manifest.get('step')} was written with {key}={saved!r}, "
+                f"this run has {key}={value!r}"
+            )

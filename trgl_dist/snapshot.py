@@ -1,0 +1,82 @@
+"""What one stage (or the single process) saves and restores: its learners, RNG and position."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from trgl_dist import checkpoint as ckpt
+from trgl_dist import manifest as layout
+from trgl_dist.config import Config
+from trgl_dist.learner import ModuleLearner
+
+log = logging.getLogger(__name__)
+Save = Callable[[int, dict[str, Any]], None]
+
+
+def run_meta(config: Config, counts: Sequence[int], stages: int) -> dict[str, Any]:
+    """What a checkpoint must agree on with the run that resumes it."""
+    return {
+        "model": config.model.name,
+        "modules": config.model.modules,
+        "blocks_per_module": list(counts),
+        "regime": config.train.regime,
+        "stages": stages,
+        "dataset": config.data.dataset,
+    }
+
+
+def stage_state(learners: Sequence[ModuleLearner], step: int, position: dict[str, Any]) -> dict:
+    return {
+        "learners": {str(learner.index): learner.state_dict() for learner in learners},
+        "rng": ckpt.rng_state(),
+        "step": step,
+        "position": position,
+    }
+
+
+def single_process_saver(
+    run_dir: Path, learners: Sequence[ModuleLearner], meta: dict[str, Any], keep: int
+) -> Save:
+    """save(step, position) for the one-process regimes: the stage file, then the manifest."""
+    saved: set[int] = set()
+
+    def save(step: int, position: dict[str, Any]) -> None:
+        if step in saved:
+            return
+        ckpt.save_stage(run_dir, step, 0, stage_state(learners, step, position))
+        layout.write_manifest(run_dir, step, {**meta, "position": position}, keep)
+        saved.add(step)
+
+    return save
+
+
+def restore(
+    run_dir: Path, learners: Sequence[ModuleLearner], meta: dict[str, Any], stage: int
+) -> tuple[int, dict[str, Any]]:
+    """Load this stage's part of the newest complete checkpoint into ``learners``;
+    returns (step, position). Any mismatch raises CheckpointError with one line."""
+    found = layout.latest(run_dir)
+    if found is None:
+        raise layout.CheckpointError(f"{run_dir}: no complete checkpoint to resume from")
+    step, manifest = found
+    layout.check_compatible(manifest, meta)
+    state = ckpt.load_stage(run_dir, step, stage)
+    for learner in learners:
+        saved = state["learners"].get(str(learner.index))
+        if saved is None:
+            raise layout.CheckpointError(
+                f"checkpoint step {step} has no module {learner.index + 1}"
+            )
+        try:
+            learner.load_state_dict(saved)
+        except (RuntimeError, KeyError, ValueError) as err:
+            first = str(err).splitlines()[0]
+            raise layout.CheckpointError(
+                f"checkpoint step {step}, module {learner.index + 1}: does not fit ({first})"
+            ) from None
+    ckpt.restore_rng(state["rng"])
+    log.info("resuming from checkpoint step %d", step)
+    return step, dict(state.get("position", {}))
