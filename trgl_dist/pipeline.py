@@ -22,11 +22,12 @@ from trgl_dist import checkpoint as ckpt
 from trgl_dist import topology as topo
 from trgl_dist.buffer import BatchBuffer
 from trgl_dist.config import Config, ConfigError, write_toml
-from trgl_dist.coordinator import start_coordinator
+from trgl_dist.coordinator import CoordinatorError, start_coordinator
 from trgl_dist.data import DataError, IndexedImages, build_datasets, steps_per_epoch
 from trgl_dist.feed import batch_stream, inbox_stream
 from trgl_dist.learner import ModuleLearner, build_learners
 from trgl_dist.link import PeerFailure, Receiver, Sender
+from trgl_dist.manifest import CheckpointError
 from trgl_dist.metrics_client import MetricsClient
 from trgl_dist.network import build_network
 from trgl_dist.snapshot import restore, run_meta, stage_state
@@ -44,7 +45,10 @@ def _share_run_info(topology: topo.Topology, info: dict[str, str]) -> dict[str, 
     if topology.is_first:
         raw = json.dumps(info).encode()
         payload[: len(raw)] = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
-    dist.broadcast(payload, src=0)
+    try:
+        dist.broadcast(payload, src=0)
+    except RuntimeError as err:  # rank 0 failed before it could share them: it says why
+        raise PeerFailure(0, str(err)) from None
     return json.loads(bytes(payload[payload.nonzero().flatten()].tolist()).decode())
 
 
@@ -176,7 +180,7 @@ def _failed(err: BaseException, topology: topo.Topology, client: MetricsClient |
     """Report a failure to the coordinator; only a rank's own error is printed here (the
     coordinator names the root cause once for the whole run)."""
     where = f"stage {topology.stage} (rank {topology.rank})"
-    if isinstance(err, ConfigError | DataError):
+    if isinstance(err, ConfigError | DataError | CheckpointError | CoordinatorError):
         if topology.is_first:  # every rank has the same config: say it once
             print(f"error: {err}", file=sys.stderr)
         return 2

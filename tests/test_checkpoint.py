@@ -1,0 +1,159 @@
+"""Checkpoints: complete or ignored, exact resume, clear refusals, nothing lost on failure."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from tests.launcher import rank_process, torchrun
+from trgl_dist import checkpoint as ckpt
+from trgl_dist import manifest
+from trgl_dist.train import main
+
+SMALL = ["--dataset", "synthetic", "--model", "resnet-small", "--width", "8",
+         "--batch-size", "16", "--modules", "3"]
+
+
+def _params(run_dir, step, stages=1):
+    out = {}
+    for stage in range(stages):
+        state = ckpt.load_stage(run_dir, step, stage)
+        for k, learner in state["learners"].items():
+            out.update({f"{k}.{name}": t for name, t in learner["module"].items()})
+            out.update({f"{k}.opt": learner["optimizer"]["state"]})
+    return out
+
+
+def _assert_same(a, b):
+    assert a.keys() == b.keys()
+    for key in a:
+        if key.endswith(".opt"):
+            for p in a[key]:
+                torch.testing.assert_close(a[key][p], b[key][p], rtol=0, atol=0)
+        else:
+            torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+
+
+def test_manifest_is_written_last_and_old_checkpoints_are_pruned(tmp_path):
+    meta = {"stages": 2, "model": "m"}
+    ckpt.save_stage(tmp_path, 5, 0, {"learners": {}})
+    with pytest.raises(manifest.CheckpointError, match="missing"):
+        manifest.write_manifest(tmp_path, 5, meta)
+    assert manifest.latest(tmp_path) is None  # a step without manifest does not count
+    for step in (5, 10, 15):
+        for stage in (0, 1):
+            ckpt.save_stage(tmp_path, step, stage, {"learners": {}})
+        manifest.write_manifest(tmp_path, step, meta, keep=2)
+    assert manifest.complete_steps(tmp_path) == [10, 15]
+    assert manifest.latest(tmp_path)[1]["step"] == 15
+    with pytest.raises(manifest.CheckpointError, match="modules=4"):
+        manifest.check_compatible({"step": 15, "modules": 3}, {"modules": 4})
+
+
+@pytest.mark.parametrize("regime", ["parallel", "e2e", "multilap"])
+def test_resume_continues_exactly_as_an_uninterrupted_run(tmp_path, regime):
+    args = [*SMALL, "--regime", regime, "--checkpoint-every", "3", "--synthetic-train", "96"]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert main([*args, "--epochs", "2", "--out", str(straight)]) == 0
+    assert main([*args, "--epochs", "1", "--out", str(split)]) == 0
+    assert main(["--resume", str(split), "--epochs", "2"]) == 0
+    final = manifest.latest(straight)[0]
+    assert manifest.latest(split)[0] == final
+    _assert_same(_params(straight, final), _params(split, final))
+
+
+def _cli(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "trgl_dist.train", *args], capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_corrupted_or_mismatched_checkpoints_are_refused_in_one_line(tmp_path):
+    run = tmp_path / "r"
+    assert main([*SMALL, "--max-steps", "2", "--out", str(run)]) == 0
+    step = manifest.latest(run)[0]
+    config = (run / "config.toml").read_text()
+    (run / "config.toml").write_text(config.replace("modules = 3", "modules = 2"))
+    other = _cli("--resume", str(run))
+    assert other.returncode == 2
+    assert other.stderr.strip().splitlines() == [
+        f"error: checkpoint step {step} was written with modules=3, this run has modules=2"
+    ]
+    (run / "config.toml").write_text(config)
+    path = ckpt.stage_file(run, step, 0)
+    path.write_bytes(path.read_bytes()[:1000])  # truncated
+    broken = _cli("--resume", str(run))
+    assert broken.returncode == 2
+    lines = broken.stderr.strip().splitlines()
+    assert len(lines) == 1 and "cannot be loaded (corrupted or truncated?)" in lines[0]
+    nothing = _cli("--resume", str(tmp_path / "nowhere"))
+    assert nothing.returncode == 2 and "no config.toml" in nothing.stderr
+
+
+def test_nan_loss_stops_naming_module_and_step_and_keeps_the_last_good_checkpoint(tmp_path):
+    run = tmp_path / "r"
+    result = _cli(*SMALL, "--lr", "1e12", "--epochs", "20", "--checkpoint-every", "1",
+                  "--out", str(run))
+    assert result.returncode == 1
+    (line,) = [ln for ln in result.stderr.splitlines() if ln.startswith("error:")]
+    assert "module" in line and "loss is" in line and "at step" in line
+    good = manifest.latest(run)
+    assert good is not None
+    ckpt.load_stage(run, good[0], 0)  # loadable
+
+
+def _wait_for_manifest(run_dir, deadline_s=120):
+    deadline = time.monotonic() + deadline_s
+    while time.monotonic() < deadline:
+        if manifest.complete_steps(run_dir):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_sigkilled_single_process_run_resumes_to_the_end(tmp_path):
+    run = tmp_path / "r"
+    args = [*SMALL, "--regime", "parallel", "--max-steps", "40", "--checkpoint-every", "5",
+            "--synthetic-train", "1024"]
+    proc = subprocess.Popen([sys.executable, "-m", "trgl_dist.train", *args, "--out", str(run)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        assert _wait_for_manifest(run)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        proc.kill()
+    assert manifest.latest(run)[0] < 40
+    resumed = _cli("--resume", str(run))
+    assert resumed.returncode == 0, resumed.stderr
+    assert manifest.latest(run)[0] == 40
+
+
+def test_sigkilled_pipeline_resumes_and_matches_an_uninterrupted_run(tmp_path):
+    args = [*SMALL, "--max-steps", "36", "--checkpoint-every", "4", "--synthetic-train", "2048"]
+    straight = torchrun(2, [*args, "--out", str(tmp_path / "straight")])
+    assert straight.code == 0, straight.output
+    run = tmp_path / "run"
+    killed: list[int] = []
+
+    def kill_after_first_manifest(launcher, _elapsed):
+        if not manifest.complete_steps(run):
+            return False
+        victim = rank_process(launcher, 1)
+        assert victim is not None
+        victim.send_signal(signal.SIGKILL)
+        killed.append(manifest.complete_steps(run)[-1])
+        return True
+
+    first = torchrun(2, [*args, "--out", str(run)], during=kill_after_first_manifest)
+    assert killed and first.code != 0
+    assert first.survivors() == []
+    resumed = torchrun(2, ["--resume", str(run)])
+    assert resumed.code == 0, resumed.output
+    last = manifest.latest(run)[0]
+    assert last == 36 == manifest.latest(tmp_path / "straight")[0]
+    _assert_same(_params(tmp_path / "straight", 36, 2), _params(run, 36, 2))
