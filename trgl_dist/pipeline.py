@@ -30,6 +30,7 @@ from trgl_dist.link import PeerFailure, Receiver, Sender
 from trgl_dist.manifest import CheckpointError
 from trgl_dist.metrics_client import MetricsClient
 from trgl_dist.network import build_network
+from trgl_dist.runlog import run_directory
 from trgl_dist.snapshot import restore, run_meta, stage_state
 from trgl_dist.stage import Save, Send, StageWorker, stage_modules
 from trgl_dist.wire import Batch
@@ -153,9 +154,7 @@ def _train(config: Config, topology: topo.Topology, services: _Services, resume:
 def _start_coordinator(
     config: Config, topology: topo.Topology, stage: Stage, services: _Services, resume: bool
 ) -> dict[str, str]:
-    from trgl_dist.train import run_directory
-
-    run_dir = run_directory(config)
+    run_dir = run_directory(config, resume)
     write_toml(config, run_dir / "config.toml")
     services.coordinator, address = start_coordinator(
         run_dir,

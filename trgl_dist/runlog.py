@@ -10,7 +10,12 @@ from collections import Counter
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from trgl_dist.manifest import complete_steps
+
+if TYPE_CHECKING:
+    from trgl_dist.config import Config
 
 logger = logging.getLogger(__name__)
 
@@ -312,3 +317,24 @@ def write_summary(run_dir: Path, summary: dict[str, Any]) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def run_directory(config: Config, resume: bool = False) -> Path:
+    """The run directory, created; the default name holds the regime and the start time.
+    A directory that already holds checkpoints is only reused by --resume."""
+    from trgl_dist.config import ConfigError  # here: the coordinator must not import torch
+
+    out = config.train.out or f"runs/{config.train.regime}-{time.strftime('%Y%m%d-%H%M%S')}"
+    path = Path(out)
+    if not resume and complete_steps(path):
+        raise ConfigError(
+            f"train.out: {path} already holds a run with checkpoints: "
+            f"continue it with --resume {path}, or choose another --out"
+        )
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(
+            f"train.out: cannot create run directory {path}: {err.strerror}"
+        ) from None
+    return path

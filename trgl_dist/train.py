@@ -5,9 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
-import time
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 
@@ -19,23 +17,10 @@ from trgl_dist.manifest import CheckpointError
 from trgl_dist.network import build_network
 from trgl_dist.regimes import RUNNERS, Context
 from trgl_dist.report import format_console_report, write_report
-from trgl_dist.runlog import RunLog, read_metrics, summarize, write_summary
+from trgl_dist.runlog import RunLog, read_metrics, run_directory, summarize, write_summary
 from trgl_dist.snapshot import restore, run_meta, single_process_saver
 
 log = logging.getLogger("trgl_dist")
-
-
-def run_directory(config: Config) -> Path:
-    """The run directory, created; the default name holds the regime and the start time."""
-    out = config.train.out or f"runs/{config.train.regime}-{time.strftime('%Y%m%d-%H%M%S')}"
-    path = Path(out)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise ConfigError(
-            f"train.out: cannot create run directory {path}: {err.strerror}"
-        ) from None
-    return path
 
 
 def device_for_single_process() -> torch.device:
@@ -52,7 +37,7 @@ def run_single_process(config: Config, resume: bool = False) -> int:
     for module in modules:
         module.to(device)
     learners = build_learners(config, modules)
-    run_dir = run_directory(config)
+    run_dir = run_directory(config, resume)
     meta = {
         **run_meta(config, counts, stages=1),
         "input": [spec.channels, spec.size, spec.size],
