@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
 from types import TracebackType
-from typing import Any, Protocol
+from typing import Any
 
 import zmq
 
@@ -16,14 +15,6 @@ logger = logging.getLogger(__name__)
 
 # The coordinator refuses bigger messages (zmq MAXMSGSIZE); a record is a few hundred bytes.
 DEFAULT_MAX_MESSAGE_BYTES = 1 << 20
-
-
-class MetricsSender(Protocol):
-    """What a training loop needs: send a record (True if accepted) and close."""
-
-    def send(self, rec: dict[str, Any]) -> bool: ...
-
-    def close(self) -> None: ...
 
 
 class MetricsClient:
@@ -105,27 +96,3 @@ class MetricsClient:
         tb: TracebackType | None,
     ) -> None:
         self.close()
-
-
-class LocalMetricsClient:
-    """Single-process use: hand records to a callable, e.g. ``RunLog.record``."""
-
-    def __init__(self, sink: Callable[[dict[str, Any]], None]) -> None:
-        self._sink = sink
-
-    def send(self, rec: dict[str, Any]) -> bool:
-        self._sink(rec)
-        return True
-
-    def close(self) -> None:
-        """Nothing to release: the sink belongs to the caller."""
-
-
-class NullMetricsClient:
-    """Discards every record (metrics switched off)."""
-
-    def send(self, rec: dict[str, Any]) -> bool:
-        return True
-
-    def close(self) -> None:
-        """Nothing to release."""
