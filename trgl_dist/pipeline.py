@@ -165,6 +165,8 @@ def _start_coordinator(
         append=resume,
         extra={"blocks_per_module": stage.counts},
         checkpoints={"meta": stage.meta, "keep": config.train.keep_checkpoints},
+        # other nodes reach a wildcard-bound coordinator at torchrun's rendezvous host
+        connect_host=os.environ.get("MASTER_ADDR"),
     )
     log.info(
         "%d stages, modules of %s blocks, run directory %s",
