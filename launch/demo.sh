@@ -7,4 +7,4 @@ bash launch/setup.sh
 export OMP_NUM_THREADS=1
 exec torchrun --standalone --nproc_per_node=4 -m trgl_dist.train \
   --dataset fashion-mnist --model resnet-small --modules 8 --method trgl \
-  --epochs 1 --train-size 30000 --lr 0.05 "$@"
+  --epochs 1 --train-size 30000 "$@"

@@ -67,8 +67,9 @@ def test_unknown_toml_key_and_section_rejected(tmp_path):
 
 
 def test_paper_learning_rates_and_module_budget():
-    c = Config()
+    c = Config().replace("model", name="resnet110")
     assert default_lr(c.replace("train", regime="e2e")) == 0.1
+    assert default_lr(Config()) == 0.05  # the CPU demo model
     assert default_lr(c.replace("train", regime="sequential")) == 0.007
     assert default_lr(c.replace("data", batch_size=256)) == 0.003
     assert default_lr(c.replace("data", batch_size=64)) == 0.002

@@ -27,7 +27,7 @@ HELP = {
     "val-size": "hold out N training samples and score on them instead of the test set",
     "epochs": "epochs (per module for sequential/multilap unless --module-epochs-base)",
     "max-steps": "stop after N optimizer steps per module (0: no limit)",
-    "lr": "learning rate (0: the paper's default for the regime)",
+    "lr": "learning rate (0: the paper's default for the regime; 0.05 for resnet-small)",
     "buffer-size": "pipeline inbox/outbox capacity in batches",
     "buffer-policy": "fifo (exact, backpressure) or replay (DGL asynchronous buffer)",
     "out": "run directory (default: runs/<regime>-<time>)",

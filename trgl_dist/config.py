@@ -280,9 +280,14 @@ def module_epochs(train: TrainConfig, num_modules: int) -> list[int]:
     return [base + train.module_epochs_slope * k for k in range(1, num_modules + 1)]
 
 
+# The CPU demo model trains for an epoch or two, not the paper's hundreds: the paper's
+# module-wise rates (0.002-0.007) barely move it in that time, so it has its own default.
+DEMO_MODEL_LR = 0.05
+
+
 def default_lr(config: Config) -> float:
-    """The paper's learning rates: e2e 0.1, parallel 0.003 (0.002 at batch < 256),
-    sequential and multilap 0.007; AdamW (Swin) 5e-4."""
+    """The paper's learning rates: e2e 0.1, parallel/pipeline 0.003 (0.002 at batch < 256),
+    sequential and multilap 0.007; AdamW (Swin) 5e-4. resnet-small: 0.05 (0.1 for e2e)."""
     if config.optim.lr > 0:
         return config.optim.lr
     if config.optim.optimizer == "adamw":
@@ -290,6 +295,8 @@ def default_lr(config: Config) -> float:
     regime = config.train.regime
     if regime == "e2e":
         return 0.1
+    if config.model.name == "resnet-small":
+        return DEMO_MODEL_LR
     if regime in ("sequential", "multilap"):
         return 0.007
     return 0.003 if config.data.batch_size >= 256 else 0.002
