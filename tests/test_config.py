@@ -76,3 +76,12 @@ def test_paper_learning_rates_and_module_budget():
     assert default_lr(c.replace("optim", lr=0.05)) == 0.05
     budget = c.replace("train", module_epochs_base=2, module_epochs_slope=1).train
     assert module_epochs(budget, 3) == [3, 4, 5]
+
+
+def test_max_steps_without_epochs_plans_enough_epochs():
+    from trgl_dist.config import TrainConfig, planned_epochs
+
+    assert planned_epochs(TrainConfig(), 10) == 1
+    assert planned_epochs(TrainConfig(max_steps=60), 4) == 15
+    assert planned_epochs(TrainConfig(max_steps=60, epochs=2), 4) == 2
+    assert module_epochs(TrainConfig(max_steps=9), 2, 4) == [3, 3]

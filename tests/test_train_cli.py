@@ -35,7 +35,7 @@ def _cli(*args):
     "args, message",
     [
         (["--model", "resnet110", "--modules", "100"], "cannot split 54 blocks of resnet110"),
-        (["--epochs", "-1"], "train.epochs must be > 0"),
+        (["--epochs", "-1"], "train.epochs must be >= 0"),
         (["--bogus"], "unrecognized arguments: --bogus"),
         (["--train-size", "999999"], "larger than the training set"),
         (["--model", "resnet7"], "unknown model 'resnet7'"),

@@ -25,7 +25,7 @@ HELP = {
     "data-dir": "dataset root (default: ~/.cache/trgl_dist/data)",
     "train-size": "seeded class-balanced subset of the training set (0: all)",
     "val-size": "hold out N training samples and score on them instead of the test set",
-    "epochs": "epochs (per module for sequential/multilap unless --module-epochs-base)",
+    "epochs": "epochs (0: one, or as many as --max-steps takes; per module for sequential)",
     "max-steps": "stop after N optimizer steps per module (0: no limit)",
     "lr": "learning rate (0: the paper's default for the regime; 0.05 for resnet-small)",
     "buffer-size": "pipeline inbox/outbox capacity in batches",

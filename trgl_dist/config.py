@@ -79,7 +79,7 @@ class OptimConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     regime: str = "parallel"
-    epochs: int = 1
+    epochs: int = 0  # 0: one epoch, or with max_steps as many as those steps take
     max_steps: int = 0
     seed: int = 0
     module_epochs_base: int = 0  # sequential/multilap: N_k = base + slope * k (0: --epochs)
@@ -256,7 +256,7 @@ def validate(config: Config) -> Config:
     _check_positive("optim.lr", o.lr, allow_zero=True)
     _check_positive("optim.weight_decay", o.weight_decay, allow_zero=True)
     _check_choice("train.regime", t.regime, REGIMES)
-    _check_positive("train.epochs", t.epochs)
+    _check_positive("train.epochs", t.epochs, allow_zero=True)
     _check_positive("train.max_steps", t.max_steps, allow_zero=True)
     _check_positive("train.laps", t.laps)
     _check_positive("train.log_every", t.log_every)
@@ -274,9 +274,18 @@ def validate(config: Config) -> Config:
     return config
 
 
-def module_epochs(train: TrainConfig, num_modules: int) -> list[int]:
+def planned_epochs(train: TrainConfig, steps_per_epoch: int) -> int:
+    """--epochs, or when it is not given: one, or as many as --max-steps takes."""
+    if train.epochs:
+        return train.epochs
+    if train.max_steps:
+        return -(-train.max_steps // steps_per_epoch)
+    return 1
+
+
+def module_epochs(train: TrainConfig, num_modules: int, steps_per_epoch: int = 1) -> list[int]:
     """Per-module epoch budget of sequential/multilap: N_k = a + b*k, k = 1..K."""
-    base = train.module_epochs_base or train.epochs
+    base = train.module_epochs_base or planned_epochs(train, steps_per_epoch)
     return [base + train.module_epochs_slope * k for k in range(1, num_modules + 1)]
 
 

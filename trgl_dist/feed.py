@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from trgl_dist.buffer import BatchBuffer
-from trgl_dist.config import Config
+from trgl_dist.config import Config, planned_epochs
 from trgl_dist.data import IndexedImages, make_loader, steps_per_epoch
 from trgl_dist.wire import Batch, Kind
 
@@ -21,9 +21,10 @@ def batch_stream(
     """
     d, t = config.data, config.train
     step = start_step
-    first_epoch, skip = divmod(start_step, steps_per_epoch(train_set, d.batch_size))
+    per_epoch = steps_per_epoch(train_set, d.batch_size)
+    first_epoch, skip = divmod(start_step, per_epoch)
     epoch = first_epoch
-    for epoch in range(first_epoch, t.epochs):
+    for epoch in range(first_epoch, planned_epochs(t, per_epoch)):
         if 0 < t.max_steps <= step:
             break
         loader = make_loader(

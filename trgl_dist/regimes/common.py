@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from trgl_dist.config import Config
+from trgl_dist.config import Config, planned_epochs
 from trgl_dist.data import IndexedImages, make_loader, steps_per_epoch
 from trgl_dist.learner import ModuleLearner
 
@@ -149,7 +149,7 @@ def run_epochs(
     counter = trained[-1]
     per_epoch = steps_per_epoch(ctx.train_set, ctx.config.data.batch_size)
     first_epoch, skip = divmod(counter.steps, per_epoch)
-    for epoch in range(first_epoch, t.epochs):
+    for epoch in range(first_epoch, planned_epochs(t, per_epoch)):
         if ctx.out_of_steps(counter):
             break
         started = time.perf_counter()

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from trgl_dist.config import module_epochs
+from trgl_dist.data import steps_per_epoch
 from trgl_dist.learner import ModuleLearner
 from trgl_dist.regimes.common import Context, batches, end_epoch, evaluate, log_train
 
@@ -70,7 +71,8 @@ def train_sequential(ctx: Context) -> None:
     (work since the last module epoch is redone)."""
     config = ctx.config
     laps = config.train.laps if config.train.regime == "multilap" else 1
-    budgets = module_epochs(config.train, len(ctx.learners))
+    per_epoch = steps_per_epoch(ctx.train_set, config.data.batch_size)
+    budgets = module_epochs(config.train, len(ctx.learners), per_epoch)
     schedule = [lap_epochs(n, laps) for n in budgets]
     done = list(ctx.position.get("epochs_done", [0] * len(ctx.learners)))  # epochs per module
     use_cache = config.train.cache_frozen and laps == 1
