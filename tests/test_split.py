@@ -9,13 +9,18 @@ import pytest
 import torch
 from torch import Tensor, nn
 
+from trgl_dist.config import SPLITS
 from trgl_dist.models import Backbone, InputSpec, build_backbone
 from trgl_dist.split import (
+    COST_KINDS,
     FLOAT_BYTES,
     PARAM_COPIES,
+    SPLIT_KINDS,
+    TimeProfile,
     balanced_partition,
     block_costs,
     equal_depth,
+    profile_times,
     saved_activation_bytes,
     split_blocks,
 )
@@ -193,3 +198,96 @@ def test_equal_memory_makes_early_modules_shallower() -> None:
     counts = split_blocks("equal-memory", backbone, spec, 4)
     assert sum(counts) == 54 and len(counts) == 4
     assert counts[0] < counts[-1]
+
+
+# --- equal-time: profiled forward+backward time, one head per module ---------------------
+
+
+def fake_profiler(blocks: list[float], heads: list[float], calls: list | None = None):
+    """A profiler returning fixed timings, recording what it was asked for."""
+
+    def profile(backbone: Backbone, spec: InputSpec, batch_size: int, head: str) -> TimeProfile:
+        if calls is not None:
+            calls.append((len(backbone.blocks), spec, batch_size, head))
+        return TimeProfile(list(blocks), list(heads))
+
+    return profile
+
+
+def test_equal_time_is_a_split_kind() -> None:
+    assert "equal-time" in SPLIT_KINDS and "time" in COST_KINDS
+    assert set(SPLIT_KINDS) == set(SPLITS)
+
+
+@pytest.mark.parametrize(
+    ("blocks", "heads", "num_modules", "counts"),
+    [
+        ([1.0] * 6, [0.0] * 6, 2, [3, 3]),  # uniform: equal-depth
+        ([1.0] * 54, [0.0] * 54, 4, [14, 14, 13, 13]),
+        ([4, 4, 4, 1, 1, 1, 1, 1, 1, 1, 1, 1], [0.0] * 12, 2, [3, 9]),  # costly early blocks
+        ([1.0] * 4, [0, 0, 0, 2], 2, [3, 1]),  # the last module's head shortens it
+        ([1.0] * 6, [3, 3, 3, 0, 0, 0], 2, [4, 2]),  # a head is charged where the module ends
+    ],
+)
+def test_equal_time_partition_from_injected_timings(
+    resnet110: Backbone,
+    blocks: list[float],
+    heads: list[float],
+    num_modules: int,
+    counts: list[int],
+) -> None:
+    backbone = Backbone(resnet110.stem, resnet110.blocks[: len(blocks)], name="resnet110")
+    profiler = fake_profiler(blocks, heads)
+    assert split_blocks("equal-time", backbone, CIFAR, num_modules, profiler=profiler) == counts
+
+
+def test_equal_time_module_cost_is_blocks_plus_one_head() -> None:
+    rng = random.Random(1)
+    for _ in range(40):
+        n = rng.randint(1, 8)
+        k = rng.randint(1, n)
+        blocks = [float(rng.randint(1, 9)) for _ in range(n)]
+        heads = [float(rng.randint(0, 9)) for _ in range(n)]
+        counts = balanced_partition(blocks, k, tails=heads)
+        bounds = list(itertools.accumulate([0, *counts]))
+        achieved = max(sum(blocks[a:b]) + heads[b - 1] for a, b in itertools.pairwise(bounds))
+        best = min(
+            max(sum(blocks[a:b]) + heads[b - 1] for a, b in itertools.pairwise([0, *cuts, n]))
+            for cuts in itertools.combinations(range(1, n), k - 1)
+        )
+        assert achieved == best
+
+
+def test_equal_time_passes_batch_size_and_head_to_the_profiler(resnet110: Backbone) -> None:
+    calls: list = []
+    profiler = fake_profiler([1.0] * 54, [0.0] * 54, calls)
+    split_blocks("equal-time", resnet110, CIFAR, 2, batch_size=48, head="mlp", profiler=profiler)
+    assert calls == [(54, CIFAR, 48, "mlp")]
+
+
+def test_explicit_counts_skip_the_profile(resnet110: Backbone) -> None:
+    def refuse(*_args: object) -> TimeProfile:
+        raise AssertionError("an explicit split must not profile")
+
+    assert split_blocks("equal-time", resnet110, CIFAR, 2, (50, 4), profiler=refuse) == [50, 4]
+
+
+def test_tail_costs_must_match_the_blocks() -> None:
+    with pytest.raises(ValueError, match="2 tail costs for 3 blocks"):
+        balanced_partition([1.0, 1.0, 1.0], 2, tails=[0.0, 0.0])
+
+
+def test_profile_times_shapes_and_leaves_model_rng_and_threads_alone() -> None:
+    backbone = build_backbone("resnet-small", CIFAR, num_modules=2, width=4)
+    before = [{k: v.clone() for k, v in b.state_dict().items()} for b in backbone.blocks]
+    threads = torch.get_num_threads()
+    rng = torch.random.get_rng_state()
+    profile = profile_times(backbone, CIFAR, 4, "1cnn", repeats=1)
+    assert len(profile.blocks) == len(profile.heads) == len(backbone.blocks)
+    assert all(t > 0 for t in profile.blocks + profile.heads)
+    assert torch.equal(rng, torch.random.get_rng_state())
+    assert torch.get_num_threads() == threads
+    for block, state in zip(backbone.blocks, before):
+        for key, value in block.state_dict().items():
+            assert torch.equal(value, state[key]), key
+    assert len(block_costs(backbone, CIFAR, "time", batch_size=2)) == len(backbone.blocks)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import torch
+
 from trgl_dist.config import Config, ConfigError
 from trgl_dist.models import Backbone, InputSpec, build_backbone
 from trgl_dist.modules import LocalModule, build_modules
@@ -27,10 +29,47 @@ def build_network(config: Config, spec: InputSpec) -> tuple[list[LocalModule], l
         raise ConfigError(f"model.name: {err}") from None
     _check_transport(config, backbone)
     try:
-        counts = split_blocks(m.split, backbone, spec, m.modules, m.split_counts)
+        counts = split_blocks(
+            m.split,
+            backbone,
+            spec,
+            m.modules,
+            m.split_counts,
+            batch_size=config.data.batch_size,
+            head=m.head,
+        )
     except ValueError as err:
         raise ConfigError(f"model.split: {err}") from None
     return build_modules(backbone, counts, spec, head=m.head), counts
+
+
+def resolve_split(config: Config, spec: InputSpec) -> Config:
+    """An equal-time split is measured, so it can differ from one process or run to the next:
+    measure it once and make it explicit (``split_counts``), so that every rank, the written
+    config.toml and a resumed run all use the same counts."""
+    m = config.model
+    if m.split != "equal-time" or m.split_counts:
+        return config
+    with torch.random.fork_rng(devices=[]):  # the weights drawn afterwards stay the same
+        backbone = build_backbone(
+            m.name,
+            spec,
+            num_modules=m.modules,
+            width=m.width,
+            blocks_per_module=m.blocks_per_module,
+        )
+        try:
+            counts = split_blocks(
+                "equal-time",
+                backbone,
+                spec,
+                m.modules,
+                batch_size=config.data.batch_size,
+                head=m.head,
+            )
+        except ValueError as err:
+            raise ConfigError(f"model.split: {err}") from None
+    return config.replace("model", split_counts=tuple(counts))
 
 
 def _check_transport(config: Config, backbone: Backbone) -> None:

@@ -29,7 +29,8 @@ from trgl_dist.learner import ModuleLearner, build_learners
 from trgl_dist.link import PeerFailure, Receiver, Sender
 from trgl_dist.manifest import CheckpointError
 from trgl_dist.metrics_client import MetricsClient
-from trgl_dist.network import build_network
+from trgl_dist.models import InputSpec
+from trgl_dist.network import build_network, resolve_split
 from trgl_dist.runlog import run_directory
 from trgl_dist.snapshot import restore, run_meta, stage_state
 from trgl_dist.stage import Save, Send, StageWorker, stage_modules
@@ -57,6 +58,7 @@ def _share_run_info(topology: topo.Topology, info: dict[str, str]) -> dict[str, 
 class Stage:
     """This rank's part of the run: its learners and what it needs around them."""
 
+    config: Config  # as resolved (an equal-time split made explicit)
     learners: list[ModuleLearner]
     train_set: IndexedImages
     test_set: IndexedImages
@@ -74,6 +76,7 @@ def build_stage(config: Config, topology: topo.Topology) -> Stage:
     train_set, test_set, spec = build_datasets(config.data, config.train.seed)
     if topology.is_first:
         dist.barrier()
+    config = _agree_on_split(config, spec, topology)
     modules, counts = build_network(config, spec)
     try:
         mine = stage_modules(len(modules), topology.world_size, topology.stage)
@@ -86,7 +89,19 @@ def build_stage(config: Config, topology: topo.Topology) -> Stage:
         "input": [spec.channels, spec.size, spec.size],
         "num_classes": spec.num_classes,
     }
-    return Stage(build_learners(config, modules, mine), train_set, test_set, counts, meta)
+    learners = build_learners(config, modules, mine)
+    return Stage(config, learners, train_set, test_set, counts, meta)
+
+
+def _agree_on_split(config: Config, spec: InputSpec, topology: topo.Topology) -> Config:
+    """Rank 0 measures an equal-time split; every rank takes its counts."""
+    if config.model.split != "equal-time" or config.model.split_counts:
+        return config
+    counts = torch.zeros(config.model.modules, dtype=torch.int64)
+    if topology.is_first:
+        counts[:] = torch.tensor(resolve_split(config, spec).model.split_counts)
+    dist.broadcast(counts, src=0)
+    return config.replace("model", split_counts=tuple(counts.tolist()))
 
 
 def _source(
@@ -133,6 +148,7 @@ def run_pipeline(config: Config, resume: bool = False) -> int:
 
 def _train(config: Config, topology: topo.Topology, services: _Services, resume: bool) -> None:
     stage = build_stage(config, topology)
+    config = stage.config
     if resume:
         run_dir = Path(config.train.out)
         stage.start_step = restore(run_dir, stage.learners, stage.meta, topology.stage)[0]

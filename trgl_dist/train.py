@@ -14,7 +14,7 @@ from trgl_dist.config import Config, ConfigError, write_toml
 from trgl_dist.data import DataError, build_datasets
 from trgl_dist.learner import build_learners
 from trgl_dist.manifest import CheckpointError
-from trgl_dist.network import build_network
+from trgl_dist.network import build_network, resolve_split
 from trgl_dist.regimes import RUNNERS, Context
 from trgl_dist.report import format_console_report, write_report
 from trgl_dist.runlog import RunLog, read_metrics, run_directory, summarize, write_summary
@@ -32,6 +32,7 @@ def run_single_process(config: Config, resume: bool = False) -> int:
     last complete checkpoint)."""
     torch.manual_seed(config.train.seed)
     train_set, test_set, spec = build_datasets(config.data, config.train.seed)
+    config = resolve_split(config, spec)
     modules, counts = build_network(config, spec)
     device = device_for_single_process()
     for module in modules:

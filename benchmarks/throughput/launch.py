@@ -1,15 +1,12 @@
-"""Starting one experiment: a subprocess with a deadline, optionally under the machine's lock."""
+"""Starting one experiment: a subprocess with a deadline and the package on its path."""
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
 import logging
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,20 +17,6 @@ REPO = HERE.parents[1]
 log = logging.getLogger("throughput")
 
 
-@contextlib.contextmanager
-def locked(path: Path | None) -> Iterator[None]:
-    """Hold ``path`` (flock) so no other heavy measurement overlaps this one."""
-    if path is None:
-        yield
-        return
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def environment(threads: int) -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH", "")]))
@@ -41,19 +24,18 @@ def environment(threads: int) -> dict[str, str]:
     return env
 
 
-def run_command(command: list[str], threads: int, timeout: float, lock: Path | None) -> None:
+def run_command(command: list[str], threads: int, timeout: float) -> None:
     """Run ``command``; its output is kept and shown only when it fails."""
     log.info("$ %s", " ".join(command))
-    with locked(lock):
-        done = subprocess.run(
-            command,
-            cwd=REPO,
-            env=environment(threads),
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            check=False,
-        )
+    done = subprocess.run(
+        command,
+        cwd=REPO,
+        env=environment(threads),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
     if done.returncode != 0:
         raise RuntimeError(
             f"{' '.join(command[:6])}... exited {done.returncode}:\n{done.stderr[-3000:]}"
@@ -67,26 +49,26 @@ def torchrun(nproc: int) -> list[str]:
     ]  # fmt: skip
 
 
-def local(jobs: list[dict[str, Any]], out: Path, timeout: float, lock: Path | None) -> dict:
+def local(jobs: list[dict[str, Any]], out: Path, timeout: float) -> dict:
     """In-process timings of local.py, in one process (each job sets its thread count)."""
     command = [sys.executable, str(HERE / "local.py"), "--jobs", json.dumps(jobs)]
-    run_command([*command, "--out", str(out)], 1, timeout, lock)
+    run_command([*command, "--out", str(out)], 1, timeout)
     return json.loads(out.read_text())
 
 
 def gpipe(
-    setting: Setting, runs: list[tuple[str, int]], out: Path, timeout: float, lock: Path | None
+    setting: Setting, runs: list[tuple[str, int]], out: Path, timeout: float
 ) -> list[dict[str, Any]]:
     """Experiment (d) under torchrun, one rank per stage, every schedule in one launch."""
     command = [*torchrun(setting.modules), str(HERE / "gpipe.py"), "--setting", setting.to_json()]
     command += ["--runs", ",".join(f"{s}:{m}" for s, m in runs), "--out", str(out)]
-    run_command(command, 1, timeout, lock)
+    run_command(command, 1, timeout)
     return json.loads(out.read_text())["runs"]
 
 
-def pipeline(setting: Setting, run_dir: Path, timeout: float, lock: Path | None) -> Path:
+def pipeline(setting: Setting, run_dir: Path, timeout: float) -> Path:
     """Experiment (c): the real CLI under torchrun; returns the run directory."""
     command = [*torchrun(setting.modules), "-m", "trgl_dist.train", *setting.flags()]
     command += ["--out", str(run_dir)]
-    run_command(command, 1, timeout, lock)
+    run_command(command, 1, timeout)
     return run_dir

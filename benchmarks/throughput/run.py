@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import os
 import sys
@@ -26,7 +27,7 @@ sys.path.insert(1, str(Path(__file__).resolve().parents[2]))
 
 from analysis import pipeline_numbers  # noqa: E402
 from common import Setting, config_of, write_json  # noqa: E402
-from tables import environment_info, markdown  # noqa: E402
+from tables import environment_info, markdown, splice_readme  # noqa: E402
 
 import launch  # noqa: E402
 from trgl_dist.data import build_datasets  # noqa: E402
@@ -35,30 +36,28 @@ from trgl_dist.split import balanced_partition, equal_depth, profile_times  # no
 
 log = logging.getLogger("throughput")
 PRESETS: dict[str, dict[str, Any]] = {
-    "full": {"model": "resnet110", "width": 0, "batch_size": 32, "steps": 24, "warmup": 4,
+    "full": {"model": "resnet110", "width": 0, "batch_size": 32, "steps": 16, "warmup": 3,
              "ks": (2, 4), "microbatches": (1, 2, 4), "threads": (1, 2)},
     "quick": {"model": "resnet-small", "width": 16, "batch_size": 32, "steps": 16, "warmup": 3,
               "ks": (2, 4), "microbatches": (1, 2), "threads": (1, 2)},
     "tiny": {"model": "resnet-small", "width": 4, "batch_size": 8, "steps": 4, "warmup": 1,
              "ks": (2,), "microbatches": (1,), "threads": (1,)},
 }  # fmt: skip
-SPLITS = ("equal-depth", "equal-time")
+RESULTS = Path(__file__).resolve().parent / "results"
 TIMEOUT_S = 900.0
+MIN_MICROBATCH = 4
 
 
-def equal_time_counts(setting: Setting, ks: tuple[int, ...], lock: Path | None) -> dict:
+def equal_time_counts(setting: Setting, ks: tuple[int, ...]) -> dict:
     """Profile the blocks once (one thread, at the batch size) and split for every K."""
     config = config_of(setting, "parallel")
     _, _, spec = build_datasets(config.data, config.train.seed)
     backbone = build_backbone(setting.model, spec, num_modules=max(ks), width=setting.width)
-    with launch.locked(lock):
-        profile = profile_times(backbone, spec, setting.batch_size, config.model.head)
+    profile = profile_times(backbone, spec, setting.batch_size, config.model.head)
     return {
         "block_ms": [1e3 * s for s in profile.blocks],
         "head_ms": [1e3 * s for s in profile.heads],
-        "counts": {
-            str(k): balanced_partition(profile.blocks, k, tails=profile.heads) for k in ks
-        },
+        "counts": {str(k): balanced_partition(profile.blocks, k, tails=profile.heads) for k in ks},
     }
 
 
@@ -101,16 +100,23 @@ def measure_k(
     }
     for split, setting in by_split.items():
         stage_s = local[f"stages/{k}/{split}"]["stage_step_s"]
-        run_dir = launch.pipeline(setting, tmp / f"c{k}{split}", TIMEOUT_S, args.lock)
+        run_dir = launch.pipeline(setting, tmp / f"c{k}{split}", TIMEOUT_S)
         numbers = pipeline_numbers(run_dir, setting.batch_size, stage_s)
         cores = min(k, os.cpu_count() or 1)
         numbers["cpu_bound_samples_per_s"] = setting.batch_size * cores / sum(stage_s)
         out["splits"][split] = numbers
-    # Micro-batches per batch: multiples of K (Schedule1F1B needs at least K).
-    runs = [(s, f * k) for s in ("gpipe", "1f1b") for f in preset["microbatches"]]
+    # Micro-batches per batch: multiples of K (Schedule1F1B needs at least K), each holding
+    # at least MIN_MICROBATCH samples (BatchNorm statistics on 2 samples mean little).
+    counts = [f * k for f in preset["microbatches"]]
+    counts = [m for m in counts if base_batch(by_split) // m >= MIN_MICROBATCH] or counts[:1]
+    runs = [(s, m) for s in ("gpipe", "1f1b") for m in counts]
     path = tmp / f"d{k}.json"
-    out["pipelining"] = launch.gpipe(by_split["equal-depth"], runs, path, TIMEOUT_S, args.lock)
+    out["pipelining"] = launch.gpipe(by_split["equal-depth"], runs, path, TIMEOUT_S)
     return out
+
+
+def base_batch(by_split: dict[str, Setting]) -> int:
+    return by_split["equal-depth"].batch_size
 
 
 def ratios(result: dict[str, Any]) -> None:
@@ -132,14 +138,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     )  # fmt: skip
     result: dict[str, Any] = {"preset": args.preset, "setting": asdict(base)}
     result["environment"] = environment_info(args.command)
-    result["equal_time"] = equal_time_counts(base, preset["ks"], args.lock)
+    result["equal_time"] = equal_time_counts(base, preset["ks"])
     splits = {
         k: settings_by_split(base, k, result["equal_time"]["counts"][str(k)]) for k in preset["ks"]
     }
     with tempfile.TemporaryDirectory(prefix="throughput-") as name:
         tmp = Path(name)
         jobs = local_jobs(base, splits, preset["threads"])
-        local = launch.local(jobs, tmp / "local.json", TIMEOUT_S, args.lock)
+        local = launch.local(jobs, tmp / "local.json", TIMEOUT_S)
         result["e2e"] = [local[f"e2e/{t}"] for t in preset["threads"]]
         result["e2e_best"] = best(result["e2e"])
         result["per_k"] = {
@@ -154,15 +160,22 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small model, under 3 minutes")
     parser.add_argument("--tiny", action="store_true", help="smoke-test sizes, seconds")
-    parser.add_argument("--results", type=Path, default=Path(__file__).parent / "results")
-    parser.add_argument("--lock", type=Path, default=None, help="flock file held per experiment")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="output folder")
+    parser.add_argument("--render", action="store_true", help="only redo the tables from JSON")
     args = parser.parse_args(argv)
     args.preset = "tiny" if args.tiny else "quick" if args.quick else "full"
     args.command = " ".join(["python", "benchmarks/throughput/run.py", *(argv or sys.argv[1:])])
-    result = run(args)
     name = "throughput" if args.preset == "full" else f"throughput_{args.preset}"
-    write_json(args.results / f"{name}.json", result)
-    (args.results / f"{name}.md").write_text(markdown(result))
+    if args.render:
+        result = json.loads((args.results / f"{name}.json").read_text())
+    else:
+        result = run(args)
+        write_json(args.results / f"{name}.json", result)
+    table = markdown(result)
+    (args.results / f"{name}.md").write_text(table)
+    readme = Path(__file__).parent / "README.md"
+    if args.results.resolve() == RESULTS.resolve() and readme.exists():
+        readme.write_text(splice_readme(readme.read_text(), name, table))
     log.info("wrote %s", args.results / f"{name}.md")
     return 0
 

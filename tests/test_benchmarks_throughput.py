@@ -1,0 +1,53 @@
+"""The throughput benchmark end to end with tiny sizes: every experiment lands in the JSON."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "benchmarks" / "throughput" / "run.py"
+# A hard deadline, not a timing assert: three torchrun launches on a busy 2-core machine.
+TIMEOUT_S = 300
+
+
+def _positive(value: float) -> bool:
+    return isinstance(value, float | int) and math.isfinite(value) and value > 0
+
+
+def test_tiny_run_writes_every_experiment(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT), "--tiny", "--results", str(tmp_path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((tmp_path / "throughput_tiny.json").read_text())
+    assert result["environment"]["torch"] and result["environment"]["cores"] >= 1
+    assert [e["threads"] for e in result["e2e"]] == [1]  # (a)
+    assert all(_positive(e["samples_per_s"]) for e in result["e2e"])
+    per_k = result["per_k"]["2"]
+    assert _positive(per_k["parallel"][0]["samples_per_s"])  # (b)
+    assert set(per_k["splits"]) == {"equal-depth", "equal-time"}  # (c), both splits
+    for split, c in per_k["splits"].items():
+        assert sum(c["blocks_per_module"]) == 9 and len(c["blocks_per_module"]) == 2, split
+        assert _positive(c["samples_per_s"]) and _positive(c["efficiency"])
+        assert _positive(c["c_over_a"]) and _positive(c["c_over_d"])
+        assert len(c["stage_step_s"]) == 2 and all(_positive(s) for s in c["stage_step_s"])
+        for stage in c["stages"]:
+            assert 0 <= stage["busy"] <= 1 and 0 <= stage["wait_in"] + stage["wait_out"] <= 1
+        assert c["stages"][0]["transport_over_compute"] is not None
+    assert per_k["splits"]["equal-time"]["blocks_per_module"] == result["equal_time"]["counts"]["2"]
+    schedules = {(d["schedule"], d["microbatches"]) for d in per_k["pipelining"]}  # (d)
+    assert schedules == {("gpipe", 2), ("1f1b", 2)}
+    assert all(_positive(d["samples_per_s"]) for d in per_k["pipelining"])
+    assert len(result["equal_time"]["block_ms"]) == 9
+    table = (tmp_path / "throughput_tiny.md").read_text()
+    for needle in ("(a) E2E", "(b) parallel", "(c) our pipeline", "ScheduleGPipe", "Schedule1F1B"):
+        assert needle in table
