@@ -14,7 +14,6 @@ REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "accuracy" / "run.py"
 
 
-
 def _load_stats():
     """By file path under a unique name: other benchmark folders have modules named alike."""
     spec = importlib.util.spec_from_file_location("accuracy_stats", SCRIPT.parent / "stats.py")
@@ -47,7 +46,11 @@ def test_paired_difference_matches_seeds():
 def _smoke(out: Path, *flags: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, str(SCRIPT), "--smoke", "--out", str(out), *flags],
-        cwd=REPO, capture_output=True, text=True, timeout=280, check=False,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=280,
+        check=False,
     )
 
 

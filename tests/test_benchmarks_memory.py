@@ -28,8 +28,18 @@ def _check_peak(peak: dict) -> None:
 
 
 def test_tiny_grid_writes_json_and_tables(tmp_path):
-    flags = [*TINY, "--modules", "3", "--splits", "equal-depth", "--methods", "vanilla", "trgl"]
-    done = _run("run.py", *flags, "--no-check", "--out", str(tmp_path))
+    flags = [
+        *TINY,
+        "--modules",
+        "3",
+        "--splits",
+        "equal-depth",
+        "--methods",
+        "vanilla",
+        "trgl",
+        "trgl-hook",
+    ]
+    done = _run("run.py", *flags, "--breakdown-modules", "3", "--no-check", "--out", str(tmp_path))
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads((tmp_path / "memory.json").read_text())
     assert results["setting"]["model"] == "resnet-small"
@@ -37,7 +47,7 @@ def test_tiny_grid_writes_json_and_tables(tmp_path):
     e2e = results["e2e"]["3"]
     _check_peak(e2e)
     assert e2e["temp"] == 0  # E2E peaks at the end of the forward pass
-    assert [c["method"] for c in results["configs"]] == ["vanilla", "trgl"]
+    assert [c["method"] for c in results["configs"]] == ["vanilla", "trgl", "trgl-hook"]
     for config in results["configs"]:
         assert config["counts"] == [3, 3, 3]
         _check_peak(config["lockstep"])
@@ -55,6 +65,11 @@ def test_tiny_grid_writes_json_and_tables(tmp_path):
         assert 0 < first["train"]["batch_buffers"] < middle["train"]["batch_buffers"]
         assert 0 < last["train"]["batch_buffers"] < middle["train"]["batch_buffers"]
         assert first["epoch_end"]["total"] == first["train"]["total"]  # no inbox
+    vanilla, trgl, hook = (c["lockstep"]["total"] for c in results["configs"])
+    # The package's TRGL holds every residue's transport gradient at the start of the
+    # backward; the prototype adds each one when the backward reaches its block.
+    assert hook < trgl
+    assert hook <= vanilla * 1.01
     table = (tmp_path / "memory.md").read_text()
     assert "| K | split | method |" in table
     assert "| lock-step |" in table and "| stage 3 |" in table

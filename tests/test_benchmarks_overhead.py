@@ -2,50 +2,69 @@
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
-from trgl_dist.method import transport_cost
+from trgl_dist.method import local_loss
+from trgl_dist.models import InputSpec, build_backbone
+from trgl_dist.modules import build_modules
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "overhead" / "run.py"
 TIMEOUT_S = 240
 
 
-def _load_fused():
+def _load_prototype():
     """By file path under a unique name: other benchmark folders have modules named alike."""
-    spec = importlib.util.spec_from_file_location("overhead_fused", SCRIPT.parent / "fused.py")
+    path = SCRIPT.parent / "prototype.py"
+    spec = importlib.util.spec_from_file_location("overhead_prototype", path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-def test_fused_prototype_matches_the_package():
-    fused = _load_fused()
+@pytest.mark.parametrize("method", ["vanilla", "trgl", "multipliers"])
+@pytest.mark.parametrize("norm", ["mean", "sum"])
+def test_prototype_loss_matches_the_package(method, norm):
+    """Same loss value and same parameter gradients as trgl_dist.method.local_loss
+    (float64, so the comparison is not blurred by rounding)."""
+    prototype = _load_prototype()
     torch.manual_seed(0)
-    residues = [torch.randn(4, 8, 6, 6, requires_grad=True), torch.randn(4, 16, 3, 3) * 3]
-    residues[1].requires_grad_(True)
-    for norm in ("mean", "sum"):
-        expected = transport_cost(residues, norm)
-        want = torch.autograd.grad(expected, residues)
-        got_value = fused.transport_cost(residues, norm)
-        got = torch.autograd.grad(got_value, residues)
-        torch.testing.assert_close(got_value, expected)
-        for a, b in zip(got, want):
-            torch.testing.assert_close(a, b)
+    spec = InputSpec(3, 8, 10)
+    backbone = build_backbone("resnet-small", spec, num_modules=2, width=4)
+    reference = build_modules(backbone, [5, 4], spec)[0].double()
+    candidate = copy.deepcopy(reference)
+    x = torch.randn(6, 3, 8, 8, dtype=torch.float64)
+    y = torch.randint(0, 10, (6,))
+    results = []
+    for module, loss_fn in ((reference, local_loss), (candidate, prototype.local_loss)):
+        out = module(x)
+        loss = loss_fn(
+            out.logits, y, out.residues, method=method, tau=0.3, multiplier=1.7,
+            transport_norm=norm,
+        )  # fmt: skip
+        loss.total.backward()
+        results.append((loss, [p.grad for p in module.parameters()]))
+    (want, want_grads), (got, got_grads) = results
+    torch.testing.assert_close(got.total, want.total)
+    torch.testing.assert_close(got.transport, want.transport)
+    for a, b in zip(got_grads, want_grads):
+        torch.testing.assert_close(a, b)
 
 
 def test_tiny_run_writes_json_and_tables(tmp_path):
     flags = [
         "--model", "resnet-small", "--size", "8", "--width", "4", "--batch-size", "4",
         "--modules", "2", "3", "--steps", "2", "--warmup", "1", "--profile-steps", "1",
-        "--repeats", "2", "--out", str(tmp_path),
+        "--out", str(tmp_path),
     ]  # fmt: skip
     done = subprocess.run(
         [sys.executable, str(SCRIPT), *flags],
@@ -63,9 +82,9 @@ def test_tiny_run_writes_json_and_tables(tmp_path):
             assert all(t > 0 for t in row["median_step_s"].values())
             assert row["ratio"] == row["median_step_s"]["trgl"] / row["median_step_s"]["vanilla"]
             assert row["paired_ratio_min"] <= row["paired_ratio_median"] <= row["paired_ratio_max"]
-    ops = {r["op"] for r in results["profile"]["ops"]}
-    assert "PowBackward0" in ops  # the transport's backward runs for TRGL only
-    alone = results["transport_alone"]
-    assert alone["residues"] == 9  # resnet-small: 9 residual blocks
+    ops = {r["op"]: r for r in results["profile"]["package"]["ops"]}
+    # The package's transport backward runs for TRGL only; the prototype has no such node.
+    assert ops["PowBackward0"]["vanilla_ms"] == 0 < ops["PowBackward0"]["trgl_ms"]
+    assert "PowBackward0" not in {r["op"] for r in results["profile"]["prototype"]["ops"]}
     table = (tmp_path / "overhead.md").read_text()
     assert "| K | VanGL step s |" in table and "PowBackward0" in table

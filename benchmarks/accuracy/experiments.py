@@ -82,8 +82,16 @@ QUICK = replace(
 SMOKE = Preset(
     name="smoke",
     dataset="synthetic",
-    model_flags=("--model", "km-resnet", "--modules", "4", "--blocks-per-module", "1",
-                 "--width", "4"),
+    model_flags=(
+        "--model",
+        "km-resnet",
+        "--modules",
+        "4",
+        "--blocks-per-module",
+        "1",
+        "--width",
+        "4",
+    ),
     batch_size=32,
     sizes=(96, 192),
     epochs=(1, 1),
@@ -132,11 +140,32 @@ def train_flags(preset: Preset, spec: RunSpec) -> list[str]:
     regime = "parallel" if spec.regime == "pipeline" else spec.regime
     method = "vanilla" if spec.method == "e2e" else spec.method
     flags = [
-        "--dataset", preset.dataset, *preset.model_flags, *preset.extra_flags,
-        "--batch-size", str(preset.batch_size), "--regime", regime, "--method", method,
-        "--tau", repr(spec.tau), "--tau-schedule", "midpoint-double",
-        "--train-size", str(spec.size), "--epochs", str(spec.epochs), "--lr", repr(spec.lr),
-        "--schedule", "cosine", "--seed", str(spec.seed), "--log-every", "1000",
+        "--dataset",
+        preset.dataset,
+        *preset.model_flags,
+        *preset.extra_flags,
+        "--batch-size",
+        str(preset.batch_size),
+        "--regime",
+        regime,
+        "--method",
+        method,
+        "--tau",
+        repr(spec.tau),
+        "--tau-schedule",
+        "midpoint-double",
+        "--train-size",
+        str(spec.size),
+        "--epochs",
+        str(spec.epochs),
+        "--lr",
+        repr(spec.lr),
+        "--schedule",
+        "cosine",
+        "--seed",
+        str(spec.seed),
+        "--log-every",
+        "1000",
     ]
     if spec.validation:
         flags += ["--val-size", str(preset.val_size)]
@@ -164,15 +193,21 @@ def lr_sweep(preset: Preset) -> list[RunSpec]:
 def tau_sweep(preset: Preset, lr: float) -> list[RunSpec]:
     size = preset.sweep_size
     return [
-        RunSpec("sweep", "trgl", "parallel", size, 0, preset.epochs_for(size), lr, tau,
-                validation=True)
+        RunSpec(
+            "sweep", "trgl", "parallel", size, 0, preset.epochs_for(size), lr, tau, validation=True
+        )
         for tau in preset.tau_grid
     ]
 
 
 def method_runs(
-    preset: Preset, phase: str, sizes: tuple[int, ...], seeds: tuple[int, ...],
-    lr: float, e2e_lr: float, tau: float,
+    preset: Preset,
+    phase: str,
+    sizes: tuple[int, ...],
+    seeds: tuple[int, ...],
+    lr: float,
+    e2e_lr: float,
+    tau: float,
 ) -> list[RunSpec]:
     """VanGL, TRGL (parallel regime) and E2E at each size and seed, sizes outermost."""
     specs = []
@@ -200,7 +235,16 @@ def pipeline_pair(preset: Preset, lr: float, tau: float) -> list[RunSpec]:
     """The same TRGL run in the parallel regime and through torchrun, scored every epoch."""
     size = preset.sweep_size
     return [
-        RunSpec("pipeline", "trgl", regime, size, 0, preset.pipeline_epochs, lr, tau,
-                final_eval_only=False)
+        RunSpec(
+            "pipeline",
+            "trgl",
+            regime,
+            size,
+            0,
+            preset.pipeline_epochs,
+            lr,
+            tau,
+            final_eval_only=False,
+        )
         for regime in ("parallel", "pipeline")
     ]

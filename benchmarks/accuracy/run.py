@@ -55,6 +55,8 @@ class Study:
                     record = json.loads(line)
                     self.results[record["id"]] = record
         self.missing: list[str] = []  # planned runs without a record (--report-only)
+        # The package this process trains with (imported once, at the start).
+        self.package = package_version() if train else None
 
     def run(self, specs: list[RunSpec]) -> list[dict[str, Any]]:
         records = []
@@ -64,7 +66,7 @@ class Study:
                 continue
             if spec.run_id not in self.results:
                 log.info("[%d] training %s", len(self.results) + 1, spec.run_id)
-                record = execute(self.preset, spec, self.work_dir)
+                record = {**execute(self.preset, spec, self.work_dir), "package": self.package}
                 self.results[spec.run_id] = record
                 with open(self.path, "a", encoding="utf-8") as out:
                     out.write(json.dumps(record) + "\n")
@@ -96,9 +98,15 @@ def choose(study: Study) -> dict[str, Any]:
     tau = trgl["tau"] if trgl else preset.tau_grid[0]
     chosen = [r["id"] for r in (vanilla, e2e, trgl) if r]
     log.info("chosen on validation: lr %g (VanGL and TRGL), E2E lr %g, tau %g", lr, e2e_lr, tau)
-    return {"lr": lr, "e2e_lr": e2e_lr, "tau": tau, "criterion": f"validation {key}",
-            "validation_size": preset.val_size, "sweep_train_size": preset.sweep_size,
-            "chosen_ids": chosen}
+    return {
+        "lr": lr,
+        "e2e_lr": e2e_lr,
+        "tau": tau,
+        "criterion": f"validation {key}",
+        "validation_size": preset.val_size,
+        "sweep_train_size": preset.sweep_size,
+        "chosen_ids": chosen,
+    }
 
 
 def run_study(study: Study) -> dict[str, Any]:
@@ -123,10 +131,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     mode.add_argument("--smoke", action="store_true", help="tiny synthetic run for tests")
     parser.add_argument("--out", type=Path, help="results folder (default: results/<mode>)")
     parser.add_argument("--work-dir", type=Path, help="run directories (default: OUT/runs)")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads (1: no OpenMP spinning on a shared machine)")
-    parser.add_argument("--report-only", action="store_true",
-                        help="rebuild tables and plot from OUT/runs.jsonl, train nothing")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (1: no OpenMP spinning on a shared machine)",
+    )
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="rebuild tables and plot from OUT/runs.jsonl, train nothing",
+    )
     return parser.parse_args(argv)
 
 
@@ -140,20 +155,21 @@ def main(argv: list[str] | None = None) -> int:
     study = Study(preset, out, args.work_dir or out / "runs", train=not args.report_only)
     flags = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--report-only"]
     command = shlex.join(["python", "benchmarks/accuracy/run.py", *flags])
-    version = package_version()
     choice = run_study(study)
     partial = bool(study.missing)
     if partial:
         log.warning("%d planned runs have no record: the report is PARTIAL", len(study.missing))
-    choice = {**choice, "package": version}
+    commits = sorted({r["package"]["commit"] for r in study.results.values() if r.get("package")})
+    choice = {**choice, "package_commits": commits or "not recorded in runs.jsonl"}
     write_report(out, preset, list(study.results.values()), choice, command, partial)
     log.info("wrote %s", out / "table.md")
     is_committed = preset.name == "full" and out.resolve() == (HERE / "results/full").resolve()
     if is_committed and embed_in_readme(HERE / "README.md", out / "table.md"):
         log.info("README.md now quotes %s", out / "table.md")
     # A sweep point may legitimately diverge; any other failure fails the study.
-    failed = [r["id"] for r in study.results.values()
-              if r["status"] != "ok" and r["phase"] != "sweep"]
+    failed = [
+        r["id"] for r in study.results.values() if r["status"] != "ok" and r["phase"] != "sweep"
+    ]
     return 1 if failed else 0
 
 

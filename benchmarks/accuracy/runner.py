@@ -23,13 +23,17 @@ PIPELINE_TIMEOUT_S = 1800
 
 def package_version() -> dict[str, Any]:
     """The commit the runs were made with, and whether trgl_dist had uncommitted changes."""
+
     def git(*args: str) -> str:
-        done = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True,
-                              timeout=30, check=False)
+        done = subprocess.run(
+            ["git", *args], cwd=REPO, capture_output=True, text=True, timeout=30, check=False
+        )
         return done.stdout.strip()
 
-    return {"commit": git("rev-parse", "HEAD"),
-            "package_changes": git("status", "--porcelain", "trgl_dist").splitlines()}
+    return {
+        "commit": git("rev-parse", "HEAD"),
+        "package_changes": git("status", "--porcelain", "trgl_dist").splitlines(),
+    }
 
 
 def _is_final(ctx: Any, epoch: int, upto: int | None) -> bool:
@@ -108,8 +112,13 @@ def _train_subprocess(flags: list[str], ranks: int, run_dir: Path) -> int:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
     with open(run_dir.parent / f"{run_dir.name}.log", "w", encoding="utf-8") as out:
         done = subprocess.run(
-            command, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
-            timeout=PIPELINE_TIMEOUT_S, check=False,
+            command,
+            cwd=REPO,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            timeout=PIPELINE_TIMEOUT_S,
+            check=False,
         )
     return done.returncode
 
@@ -143,7 +152,11 @@ def execute(preset: Preset, spec: RunSpec, work_dir: Path) -> dict[str, Any]:
     elif spec.phase == "pipeline":
         code = _train_subprocess(flags, 1, run_dir)
     else:
-        code = _train_in_process(flags, spec.final_eval_only)
+        try:
+            code = _train_in_process(flags, spec.final_eval_only)
+        except Exception:  # one broken run is recorded as failed; the study goes on
+            log.exception("run %s raised", spec.run_id)
+            code = -1
     seconds = time.perf_counter() - started
     summary_path = run_dir / "summary.json"
     if code != 0 or not summary_path.is_file():

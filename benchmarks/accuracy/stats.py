@@ -10,9 +10,36 @@ import numpy as np
 
 # Two-sided 95% Student t quantiles t_{0.975, df}, df = 1..30 (beyond: the normal 1.96).
 T975 = (
-    12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228,
-    2.201, 2.179, 2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086,
-    2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042,
+    12.706,
+    4.303,
+    3.182,
+    2.776,
+    2.571,
+    2.447,
+    2.365,
+    2.306,
+    2.262,
+    2.228,
+    2.201,
+    2.179,
+    2.160,
+    2.145,
+    2.131,
+    2.120,
+    2.110,
+    2.101,
+    2.093,
+    2.086,
+    2.080,
+    2.074,
+    2.069,
+    2.064,
+    2.060,
+    2.056,
+    2.052,
+    2.048,
+    2.045,
+    2.042,
 )
 
 
@@ -34,7 +61,8 @@ def mean_ci(values: Sequence[float]) -> dict[str, Any]:
 
 def ok_runs(results: Iterable[dict[str, Any]], **match: Any) -> list[dict[str, Any]]:
     return [
-        r for r in results
+        r
+        for r in results
         if r.get("status") == "ok" and all(r.get(k) == v for k, v in match.items())
     ]
 

@@ -21,8 +21,12 @@ def _collapse_lines(aggregate: dict[str, Any]) -> list[str]:
     lines = []
     for d in aggregate["paired_differences"]:
         stat = d["trgl_vs_vanilla_last"]
-        word = _sign_word(stat, "TRGL better (interval above 0)", "TRGL worse (interval below 0)",
-                          "no significant difference (interval contains 0)")
+        word = _sign_word(
+            stat,
+            "TRGL better (interval above 0)",
+            "TRGL worse (interval below 0)",
+            "no significant difference (interval contains 0)",
+        )
         drops = {m["method"]: m["drop"] for m in aggregate["main"] if m["size"] == d["size"]}
         lines.append(
             f"- Train size {size_label(d['size'])}: last-module accuracy TRGL - VanGL = "
@@ -33,8 +37,11 @@ def _collapse_lines(aggregate: dict[str, Any]) -> list[str]:
 
 
 def _scarcity_line(aggregate: dict[str, Any]) -> str:
-    gains = [(d["size"], d["trgl_vs_vanilla_last"]["mean"]) for d in aggregate["paired_differences"]
-             if d["trgl_vs_vanilla_last"]["mean"] is not None and d["size"] != 0]
+    gains = [
+        (d["size"], d["trgl_vs_vanilla_last"]["mean"])
+        for d in aggregate["paired_differences"]
+        if d["trgl_vs_vanilla_last"]["mean"] is not None and d["size"] != 0
+    ]
     if len(gains) < 2:
         return "- Scarce data: not enough train sizes finished to compare."
     smallest = min(gains)[0]
@@ -52,8 +59,9 @@ def _e2e_lines(aggregate: dict[str, Any]) -> list[str]:
     lines = []
     for d in aggregate["paired_differences"]:
         stat = d["trgl_vs_e2e_last"]
-        word = _sign_word(stat, "TRGL above E2E", "TRGL below E2E",
-                          "indistinguishable from E2E at this n")
+        word = _sign_word(
+            stat, "TRGL above E2E", "TRGL below E2E", "indistinguishable from E2E at this n"
+        )
         lines.append(
             f"- Train size {size_label(d['size'])}: TRGL - E2E = {fmt(stat)} points: **{word}**; "
             f"VanGL - E2E = {fmt(d['vanilla_vs_e2e_last'])}."

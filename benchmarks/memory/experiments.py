@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from tracker import (
     MIB,
+    LossFn,
     Network,
     build_fake,
     e2e_parts,
@@ -23,12 +26,33 @@ from tracker import (
 )
 
 from trgl_dist.config import Config, PipelineConfig
+from trgl_dist.method import local_loss
 from trgl_dist.models import InputSpec, build_backbone
 from trgl_dist.split import split_blocks
 
 log = logging.getLogger("memory.experiments")
 #: The test pass sends batches twice the training batch (``feed.py``: 2 * batch_size).
 EVAL_BATCH_FACTOR = 2
+PROTOTYPE = Path(__file__).resolve().parents[1] / "overhead" / "prototype.py"
+#: Method names of this benchmark: trgl_dist's, plus TRGL with the prototype local loss
+#: proposed for trgl_dist/method.py (benchmarks/overhead/prototype.py).
+TRGL_HOOK = "trgl-hook"
+
+
+def prototype_loss() -> LossFn:
+    """The prototype's ``local_loss``, loaded by path under a unique module name."""
+    spec = importlib.util.spec_from_file_location("overhead_prototype", PROTOTYPE)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.local_loss
+
+
+def method_parts(method: str) -> tuple[str, LossFn]:
+    """(trgl_dist method name, local loss function) of a benchmark method name."""
+    if method == TRGL_HOOK:
+        return "trgl", prototype_loss()
+    return method, local_loss
 
 
 @dataclass(frozen=True)
@@ -140,7 +164,8 @@ def measure_config(
 ) -> dict[str, Any]:
     """Lock-step peak and (optionally) every stage's peak for one K, split and method."""
     counts = block_counts(setting, modules, split)
-    net = build_fake(setting.config(modules, method), setting.spec, counts)
+    name, loss = method_parts(method)
+    net = build_fake(setting.config(modules, name), setting.spec, counts, loss)
     log.info("K=%d %s %s: counts %s", modules, split, method, counts)
     result: dict[str, Any] = {
         "modules": modules,

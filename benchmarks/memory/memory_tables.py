@@ -95,6 +95,35 @@ def estimator_table(check: dict[str, Any]) -> str:
     return text + ("\n" if check.get("slopes") else "")
 
 
+def environment_lines(env: dict[str, Any]) -> str:
+    """Machine, versions and the exact command, from the results file."""
+    return (
+        f"Machine: {env['cpu_model']}, {env['cpus']} CPUs, {env.get('memory_gib', '?')} GiB, "
+        f"{env['platform']}, {env['libc']}. Python {env['python']}, torch {env['torch']}, "
+        f"torchvision {env['torchvision']}. Command: `{env['command']}`\n"
+    )
+
+
+def cuda_table(results: dict[str, Any]) -> str:
+    """Where a GPU was present: the allocator's real peaks (totals only)."""
+    head = (
+        "| K | split | method | E2E MiB | lock-step MiB | saving % | worst stage MiB | saving % |\n"
+        "|---|---|---|---|---|---|---|---|\n"
+    )
+    rows = []
+    for c in results["configs"]:
+        if "cuda" not in c:
+            continue
+        g = c["cuda"]
+        worst = max(g["stages"])
+        rows.append(
+            f"| {c['modules']} | {c['split']} | {c['method']} | {g['e2e']:.0f} "
+            f"| {g['lockstep']:.0f} | {saving(g['lockstep'], g['e2e'])} "
+            f"| {worst:.0f} | {saving(worst, g['e2e'])} |"
+        )
+    return head + "\n".join(rows) + "\n"
+
+
 def report(results: dict[str, Any]) -> str:
     """The whole markdown report: summary, per-category breakdowns, estimator check."""
     s = results["setting"]
@@ -108,6 +137,8 @@ def report(results: dict[str, Any]) -> str:
     for config in results["configs"]:
         if config.get("breakdown"):
             parts.append(breakdown_table(results, config))
+    if any("cuda" in c for c in results["configs"]):
+        parts += ["### GPU: torch.cuda.max_memory_allocated\n", cuda_table(results)]
     if "estimator" in results:
         e = results["estimator"]["setting"]
         parts.append(
@@ -116,4 +147,6 @@ def report(results: dict[str, Any]) -> str:
             "1 thread)\n"
         )
         parts.append(estimator_table(results["estimator"]))
+    if "cpu_model" in results["environment"]:
+        parts.append(environment_lines(results["environment"]))
     return "\n".join(parts)

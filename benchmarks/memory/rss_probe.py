@@ -1,7 +1,9 @@
 """A real CPU training run in a fresh process: peak RSS growth over the model-free baseline.
 
-Run by ``run.py`` once per regime (``ru_maxrss`` is a per-process high-water mark). Prints
-one JSON object on stdout.
+Run by ``run.py`` once per regime and batch. The peak is the kernel's high-water mark of
+this process's memory map (``VmHWM``), reset at the baseline through ``clear_refs``.
+Not ``getrusage().ru_maxrss``: Linux carries it across fork and exec, so a child reports
+at least its parent's peak. Prints one JSON object on stdout.
 """
 
 from __future__ import annotations
@@ -9,11 +11,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import resource
 import sys
 from pathlib import Path
 
-import psutil
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -28,6 +28,23 @@ from trgl_dist.models import build_backbone  # noqa: E402
 from trgl_dist.modules import build_modules  # noqa: E402
 
 log = logging.getLogger("memory.rss_probe")
+
+
+def status_kib(field: str) -> int:
+    """A ``/proc/self/status`` memory field (``VmRSS``, ``VmHWM``) in KiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def reset_peak() -> bool:
+    """Restart the RSS high-water mark from the current RSS (Linux >= 4.0)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
 
 
 def build_learners(setting: Setting, modules: int) -> list[ModuleLearner]:
@@ -79,10 +96,11 @@ def main() -> None:
     torch.manual_seed(0)
     # Warm the allocator and the kernels' code paths on something model-free first.
     torch.randn(4, 4) @ torch.randn(4, 4)
-    baseline = psutil.Process().memory_info().rss
+    baseline = status_kib("VmRSS") * 1024
+    was_reset = reset_peak()
     learners = build_learners(setting, args.modules)
     run_steps(setting, learners, args.regime, args.steps)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    peak = status_kib("VmHWM") * 1024
     result = {
         "regime": args.regime,
         "modules": args.modules,
@@ -90,6 +108,7 @@ def main() -> None:
         "baseline_rss_mib": baseline / MIB,
         "peak_rss_mib": peak / MIB,
         "growth_mib": (peak - baseline) / MIB,
+        "peak_reset_at_baseline": was_reset,
     }
     print(json.dumps(result))
 

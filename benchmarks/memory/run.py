@@ -25,6 +25,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(1, str(HERE.parents[1]))  # the repo root: trgl_dist without installing it
 
+import cuda_peak  # noqa: E402
 import torch  # noqa: E402
 from experiments import Setting, measure_config, measure_e2e  # noqa: E402
 from memory_tables import report  # noqa: E402
@@ -50,15 +51,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--modules", type=int, nargs="+", default=[2, 4, 8, 16])
     p.add_argument("--splits", nargs="+", default=["equal-depth", "equal-memory"])
-    p.add_argument("--methods", nargs="+", default=["vanilla", "trgl"])
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        default=["vanilla", "trgl", "trgl-hook"],
+        help="trgl-hook: TRGL with the prototype loss of benchmarks/overhead/prototype.py",
+    )
+    p.add_argument("--breakdown-modules", type=int, nargs="+", default=[2, 4, 16])
     p.add_argument("--check-model", default="resnet110", help="model of the real RSS run")
     p.add_argument("--check-size", type=int, default=32)
     p.add_argument("--check-width", type=int, default=0)
     p.add_argument("--check-modules", type=int, default=4)
     p.add_argument("--check-batches", type=int, nargs="+", default=[32, 64])
-    p.add_argument("--check-steps", type=int, default=3)
+    p.add_argument("--check-steps", type=int, default=2)
     p.add_argument("--no-check", action="store_true", help="skip the real RSS check")
     p.add_argument("--out", type=Path, default=HERE / "results")
+    p.add_argument("--render", type=Path, help="only rewrite the markdown of this results JSON")
     args = p.parse_args(argv)
     if args.quick:
         args.modules, args.splits, args.methods = [4, 16], ["equal-depth"], ["trgl"]
@@ -73,7 +81,9 @@ def run_grid(setting: Setting, args: argparse.Namespace) -> dict[str, Any]:
         for split in args.splits:
             for method in args.methods:
                 config = measure_config(setting, k, split, method)
-                config["breakdown"] = method == "trgl"
+                config["breakdown"] = method != "vanilla" and k in args.breakdown_modules
+                if cuda_peak.available():  # the real allocator peak next to the estimate
+                    config["cuda"] = cuda_peak.measure(setting, k, split, method)
                 configs.append(config)
     return {"e2e": e2e, "configs": configs}
 
@@ -172,9 +182,39 @@ def environment() -> dict[str, Any]:
     }
 
 
+BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
+
+
+def splice_readme(readme: Path, markdown: str) -> None:
+    """Put ``markdown`` between the README's results markers, verbatim."""
+    if not readme.exists():
+        return
+    text = readme.read_text()
+    if BEGIN not in text or END not in text:
+        log.warning("%s has no results markers; left as it is", readme)
+        return
+    head, rest = text.split(BEGIN, 1)
+    tail = rest.split(END, 1)[1]
+    readme.write_text(f"{head}{BEGIN}\n{markdown}{END}{tail}")
+
+
+def write_outputs(results: dict[str, Any], out: Path, name: str) -> None:
+    """results JSON and markdown; the full run's markdown also goes into the README."""
+    out.mkdir(parents=True, exist_ok=True)
+    markdown = report(results)
+    (out / f"{name}.json").write_text(json.dumps(results, indent=1))
+    (out / f"{name}.md").write_text(markdown)
+    if out.resolve() == (HERE / "results").resolve() and name == "memory":
+        splice_readme(HERE / "README.md", markdown)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    if args.render:
+        results = json.loads(args.render.read_text())
+        write_outputs(results, args.render.parent, args.render.stem)
+        return
     started = time.perf_counter()
     setting = Setting(
         model=args.model, size=args.size, width=args.width, batch_size=args.batch_size
@@ -184,10 +224,8 @@ def main(argv: list[str] | None = None) -> None:
     if not args.no_check:
         results["estimator"] = estimator_check(args)
     results["seconds"] = time.perf_counter() - started
-    args.out.mkdir(parents=True, exist_ok=True)
     name = "memory_quick" if args.quick else "memory"
-    (args.out / f"{name}.json").write_text(json.dumps(results, indent=1))
-    (args.out / f"{name}.md").write_text(report(results))
+    write_outputs(results, args.out, name)
     log.info("wrote %s in %.0f s", args.out / f"{name}.md", results["seconds"])
 
 

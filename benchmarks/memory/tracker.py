@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -29,6 +30,7 @@ CATEGORIES = {
     _MemRefType.OTH: "batch_buffers",
 }
 Step = Callable[[], None]
+LossFn = Callable[..., Any]
 
 
 @dataclass(frozen=True)
@@ -39,13 +41,16 @@ class Network:
     spec: InputSpec
     learners: list[ModuleLearner]
     fake: FakeTensorMode
+    loss: LossFn = field(default=local_loss)  # the local objective: the package's by default
 
     @property
     def modules(self) -> list[LocalModule]:
         return [learner.module for learner in self.learners]
 
 
-def build_fake(config: Config, spec: InputSpec, counts: Sequence[int]) -> Network:
+def build_fake(
+    config: Config, spec: InputSpec, counts: Sequence[int], loss: LossFn = local_loss
+) -> Network:
     """The K modules and learners of ``config`` with ``counts`` blocks each, as fake tensors."""
     fake = FakeTensorMode()
     m = config.model
@@ -60,15 +65,17 @@ def build_fake(config: Config, spec: InputSpec, counts: Sequence[int]) -> Networ
         modules = build_modules(backbone, counts, spec, head=m.head)
         tau = taus(config, len(modules))
         learners = [ModuleLearner(k, mod, config, tau[k]) for k, mod in enumerate(modules)]
-    return Network(config, spec, learners, fake)
+    return Network(config, spec, learners, fake, loss)
 
 
-def local_step(learner: ModuleLearner, x: Tensor, y: Tensor) -> Tensor:
+def local_step(
+    learner: ModuleLearner, x: Tensor, y: Tensor, loss_fn: LossFn = local_loss
+) -> Tensor:
     """``ModuleLearner.train_step`` without what reads values (the finiteness check, the
     meter): the same tensors are alive at the same moments, ``out`` until the return."""
     learner.module.train()
     out = learner.module(x.detach())
-    loss = local_loss(
+    loss = loss_fn(
         out.logits,
         y,
         out.residues,
@@ -93,7 +100,7 @@ def lockstep_step(net: Network, batch_size: int) -> Step:
         y = torch.randint(0, s.num_classes, (batch_size,))
         h = x
         for learner in net.learners:
-            h = local_step(learner, h, y)
+            h = local_step(learner, h, y, net.loss)
 
     return run
 
@@ -139,7 +146,7 @@ def stage_step(net: Network, stage: int, batch_size: int, buffers: list[Tensor])
         assert buffers is not None  # held for the whole step, like a full inbox and outbox
         x = torch.randn(batch_size, *in_shape)
         y = torch.randint(0, s.num_classes, (batch_size,))
-        local_step(learner, x, y)
+        local_step(learner, x, y, net.loss)
 
     return run
 

@@ -38,17 +38,13 @@ def profile_table(profile: dict[str, Any]) -> str:
     return head + "\n".join(lines) + "\n"
 
 
-def transport_table(alone: dict[str, Any]) -> str:
-    """The transport cost of every residue alone, package vs the fused prototype."""
-    head = (
-        f"All {alone['residues']} residues of the network (K = {alone['modules']}), "
-        "median ms:\n\n| implementation | forward | forward + backward |\n|---|---|---|\n"
+def environment_lines(env: dict[str, Any]) -> str:
+    """Machine, versions and the exact command, from the results file."""
+    return (
+        f"Machine: {env['cpu_model']}, {env['cpus']} CPUs, {env.get('memory_gib', '?')} GiB, "
+        f"{env['platform']}, {env['libc']}. Python {env['python']}, torch {env['torch']}, "
+        f"torchvision {env['torchvision']}. Command: `{env['command']}`\n"
     )
-    lines = [
-        f"| {name} | {alone[name]['forward_ms']:.1f} | {alone[name]['forward_backward_ms']:.1f} |"
-        for name in ("package", "prototype")
-    ]
-    return head + "\n".join(lines) + "\n"
 
 
 def report(results: dict[str, Any]) -> str:
@@ -62,10 +58,12 @@ def report(results: dict[str, Any]) -> str:
             f"method, interleaved. Target: ratio <= {target}.\n",
             "### TRGL vs VanGL, trgl_dist.method as it is\n",
             ratio_table(results["package"], target),
-            "### The same with the prototype fused transport cost (fused.py)\n",
+            "### The same with the prototype local loss (prototype.py, proposed for method.py)\n",
             ratio_table(results["prototype"], target),
-            "### Where the extra time goes\n",
-            profile_table(results["profile"]),
-            transport_table(results["transport_alone"]),
+            "### Where the extra time goes: trgl_dist.method as it is\n",
+            profile_table(results["profile"]["package"]),
+            "### Where the extra time goes: the prototype\n",
+            profile_table(results["profile"]["prototype"]),
+            environment_lines(results["environment"]),
         ]
     )

@@ -2,11 +2,11 @@
 
 One process, one thread, warm, the two methods interleaved step by step, median of many
 lock-step batches (each module's real ``ModuleLearner.train_step``). Also: the per-op
-profile of the difference, the transport cost alone, and the same comparison with the
-prototype fused transport cost of ``fused.py`` (before/after). Writes
+profile of the difference, and the same comparison with the prototype local loss of
+``prototype.py`` (before/after: the fix proposed for trgl_dist/method.py). Writes
 results/overhead.json and results/overhead.md.
 
-    python benchmarks/overhead/run.py            # K = 2, 4, 8, 16 (about 9 minutes)
+    python benchmarks/overhead/run.py            # K = 2, 4, 8, 16 (about 8 minutes)
     python benchmarks/overhead/run.py --quick    # K = 4, fewer steps (under 3 minutes)
 """
 
@@ -26,9 +26,9 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(1, str(HERE.parents[1]))  # the repo root: trgl_dist without installing it
 
-import fused  # noqa: E402
+import prototype  # noqa: E402
 import torch  # noqa: E402
-from op_profile import op_differences, op_times, transport_alone  # noqa: E402
+from op_profile import op_differences, op_times  # noqa: E402
 from ratio_tables import report  # noqa: E402
 from timing import Setting, compare  # noqa: E402
 
@@ -44,11 +44,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--width", type=int, default=0, help="0: the model's default width")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--modules", type=int, nargs="+", default=[2, 4, 8, 16])
-    p.add_argument("--steps", type=int, default=10, help="timed steps per method")
-    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--steps", type=int, default=8, help="timed steps per method")
+    p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--profile-steps", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=20, help="transport-alone timings")
     p.add_argument("--out", type=Path, default=HERE / "results")
+    p.add_argument("--render", type=Path, help="only rewrite the markdown of this results JSON")
     args = p.parse_args(argv)
     if args.quick:
         args.modules, args.steps, args.warmup = [4], 6, 1
@@ -60,14 +60,13 @@ def run(setting: Setting, args: argparse.Namespace) -> dict[str, Any]:
     for k in args.modules:
         results["package"].append(compare(setting, k))
         log.info("K=%d package: %s", k, results["package"][-1])
-        results["prototype"].append(compare(setting, k, fused.transport_cost))
+        results["prototype"].append(compare(setting, k, prototype.local_loss))
         log.info("K=%d prototype: %s", k, results["prototype"][-1])
     k = args.modules[0]
     short = replace(setting, steps=args.profile_steps)
-    results["profile"] = {"modules": k, "ops": op_differences(op_times(short, k, short.steps))}
-    results["transport_alone"] = {
-        "modules": k,
-        **transport_alone(setting, k, fused.transport_cost, args.repeats),
+    results["profile"] = {
+        impl: {"modules": k, "ops": op_differences(op_times(short, k, short.steps, loss))}
+        for impl, loss in (("package", None), ("prototype", prototype.local_loss))
     }
     return results
 
@@ -93,14 +92,45 @@ def environment() -> dict[str, Any]:
         "cpu_model": cpu_model(),
         "libc": " ".join(platform.libc_ver()),
         "cpus": psutil.cpu_count(),
+        "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
         "threads": 1,
         "command": " ".join(["python", "benchmarks/overhead/run.py", *sys.argv[1:]]),
     }
 
 
+BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
+
+
+def splice_readme(readme: Path, markdown: str) -> None:
+    """Put ``markdown`` between the README's results markers, verbatim."""
+    if not readme.exists():
+        return
+    text = readme.read_text()
+    if BEGIN not in text or END not in text:
+        log.warning("%s has no results markers; left as it is", readme)
+        return
+    head, rest = text.split(BEGIN, 1)
+    tail = rest.split(END, 1)[1]
+    readme.write_text(f"{head}{BEGIN}\n{markdown}{END}{tail}")
+
+
+def write_outputs(results: dict[str, Any], out: Path, name: str) -> None:
+    """results JSON and markdown; the full run's markdown also goes into the README."""
+    out.mkdir(parents=True, exist_ok=True)
+    markdown = report(results)
+    (out / f"{name}.json").write_text(json.dumps(results, indent=1))
+    (out / f"{name}.md").write_text(markdown)
+    if out.resolve() == (HERE / "results").resolve() and name == "overhead":
+        splice_readme(HERE / "README.md", markdown)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    if args.render:
+        results = json.loads(args.render.read_text())
+        write_outputs(results, args.render.parent, args.render.stem)
+        return
     started = time.perf_counter()
     setting = Setting(
         model=args.model,
@@ -114,10 +144,8 @@ def main(argv: list[str] | None = None) -> None:
     results["environment"] = environment()
     results.update(run(setting, args))
     results["seconds"] = time.perf_counter() - started
-    args.out.mkdir(parents=True, exist_ok=True)
     name = "overhead_quick" if args.quick else "overhead"
-    (args.out / f"{name}.json").write_text(json.dumps(results, indent=1))
-    (args.out / f"{name}.md").write_text(report(results))
+    write_outputs(results, args.out, name)
     log.info("wrote %s in %.0f s", args.out / f"{name}.md", results["seconds"])
 
 

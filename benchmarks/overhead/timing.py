@@ -13,14 +13,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-import trgl_dist.method
+import trgl_dist.learner
 from trgl_dist.config import Config
 from trgl_dist.learner import ModuleLearner, taus
 from trgl_dist.models import InputSpec
 from trgl_dist.network import build_network
 
 METHODS = ("vanilla", "trgl")
-TransportCost = Callable[..., Tensor]
+LossFn = Callable[..., Any]
 
 
 @dataclass(frozen=True)
@@ -119,27 +119,27 @@ def summarize(times: dict[str, list[list[float]]]) -> dict[str, Any]:
 
 
 @contextmanager
-def transport_impl(impl: TransportCost | None) -> Iterator[None]:
-    """Use ``impl`` as trgl_dist's transport cost inside the block (None: keep the package's).
+def loss_impl(loss: LossFn | None) -> Iterator[None]:
+    """Use ``loss`` as the learners' local loss inside the block (None: the package's).
 
-    ``local_loss`` looks ``transport_cost`` up in its module at every call.
+    ``ModuleLearner.train_step`` calls the ``local_loss`` name of ``trgl_dist.learner``.
     """
-    original = trgl_dist.method.transport_cost
-    if impl is not None:
-        trgl_dist.method.transport_cost = impl
+    original = trgl_dist.learner.local_loss
+    if loss is not None:
+        trgl_dist.learner.local_loss = loss
     try:
         yield
     finally:
-        trgl_dist.method.transport_cost = original
+        trgl_dist.learner.local_loss = original
 
 
-def compare(setting: Setting, modules: int, impl: TransportCost | None = None) -> dict[str, Any]:
+def compare(setting: Setting, modules: int, loss: LossFn | None = None) -> dict[str, Any]:
     """VanGL vs TRGL on one model and K, one thread, warm, interleaved."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         pair = build_pair(setting, modules)
-        with transport_impl(impl):
+        with loss_impl(loss):
             result = summarize(interleaved(pair, setting))
     finally:
         torch.set_num_threads(threads)
