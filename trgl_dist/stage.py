@@ -261,7 +261,7 @@ class StageWorker:
             for t in _state_tensors(learner)
         )
         out = {
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "peak_rss_mb": peak_rss_mb(),
             "peak_tensor_mb": (state + self.peak_buffer_bytes) / 2**20,
         }
         if self.device.type == "cuda":
@@ -276,3 +276,16 @@ def _state_tensors(learner: ModuleLearner) -> Iterator[torch.Tensor]:
             yield p.grad
     for state in learner.optimizer.state.values():
         yield from (v for v in state.values() if isinstance(v, torch.Tensor))
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory. VmHWM, not ru_maxrss: Linux carries ru_maxrss
+    over fork and exec, so a torchrun worker would report at least its launcher's peak."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
