@@ -35,6 +35,15 @@ STATS = {
     "stl10": ((0.4467, 0.4398, 0.4066), (0.2603, 0.2566, 0.2713), True),
     "imagefolder": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225), True),
 }
+#: Sample shape and classes of every dataset but imagefolder (whose folder decides them).
+SPECS = {
+    "fashion-mnist": InputSpec(channels=1, size=28, num_classes=10),
+    "mnist": InputSpec(channels=1, size=28, num_classes=10),
+    "cifar10": InputSpec(channels=3, size=32, num_classes=10),
+    "cifar100": InputSpec(channels=3, size=32, num_classes=100),
+    "stl10": InputSpec(channels=3, size=96, num_classes=10),
+    "synthetic": InputSpec(channels=3, size=32, num_classes=10),
+}
 
 
 class DataError(RuntimeError):
@@ -202,16 +211,14 @@ def build_datasets(config: DataConfig, seed: int) -> tuple[IndexedImages, Indexe
     name = config.dataset
     if name == "imagefolder":
         return _image_folders(root, config, seed)
+    spec = SPECS[name]
     if name == "synthetic":
-        spec = InputSpec(channels=3, size=32, num_classes=10)
         train_x, train_y = synthetic(config.synthetic_train, spec, seed=1234)
         test_x, test_y = synthetic(config.synthetic_test, spec, seed=4321)
         stats_name = "cifar10"
     else:
         train_x, train_y = _load_torchvision(name, root, train=True)
         test_x, test_y = _load_torchvision(name, root, train=False)
-        classes = 100 if name == "cifar100" else 10
-        spec = InputSpec(channels=train_x.shape[1], size=train_x.shape[-1], num_classes=classes)
         stats_name = name
     keep, held_out = split_training_set(train_y, config, seed)
     if held_out is not None:

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from trgl_dist.config import DATASETS, ConfigError, DataConfig
-from trgl_dist.data import DataError, IndexedImages, build_datasets, make_loader
+from trgl_dist.data import SPECS, DataError, IndexedImages, build_datasets, make_loader
 from trgl_dist.models import InputSpec
 
 log = logging.getLogger("trgl_dist.evaluate")
@@ -143,6 +143,8 @@ def score(model: nn.Module, test: IndexedImages, batch_size: int) -> dict[str, A
 
 def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     model, meta = open_model(args.file)
+    if args.dataset in SPECS:  # refuse a dataset that cannot fit before loading it
+        check_fits(meta, SPECS[args.dataset], args.dataset)
     test, spec = load_test_set(args, meta)
     check_fits(meta, spec, args.dataset)
     try:
