@@ -1,4 +1,4 @@
-"""The overhead benchmark end to end on a tiny model, and the prototype's exactness."""
+"""The overhead benchmark end to end on a tiny model, and its in-graph baseline's exactness."""
 
 from __future__ import annotations
 
@@ -21,10 +21,10 @@ SCRIPT = REPO / "benchmarks" / "overhead" / "run.py"
 TIMEOUT_S = 240
 
 
-def _load_prototype():
+def _load_graph_loss():
     """By file path under a unique name: other benchmark folders have modules named alike."""
-    path = SCRIPT.parent / "prototype.py"
-    spec = importlib.util.spec_from_file_location("overhead_prototype", path)
+    path = SCRIPT.parent / "graph_loss.py"
+    spec = importlib.util.spec_from_file_location("overhead_graph_loss", path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -33,10 +33,10 @@ def _load_prototype():
 
 @pytest.mark.parametrize("method", ["vanilla", "trgl", "multipliers"])
 @pytest.mark.parametrize("norm", ["mean", "sum"])
-def test_prototype_loss_matches_the_package(method, norm):
-    """Same loss value and same parameter gradients as trgl_dist.method.local_loss
-    (float64, so the comparison is not blurred by rounding)."""
-    prototype = _load_prototype()
+def test_graph_loss_matches_the_package(method, norm):
+    """The baseline is a fair one: same loss value and same parameter gradients as
+    trgl_dist.method.local_loss (float64, so the comparison is not blurred by rounding)."""
+    graph_loss = _load_graph_loss()
     torch.manual_seed(0)
     spec = InputSpec(3, 8, 10)
     backbone = build_backbone("resnet-small", spec, num_modules=2, width=4)
@@ -45,7 +45,7 @@ def test_prototype_loss_matches_the_package(method, norm):
     x = torch.randn(6, 3, 8, 8, dtype=torch.float64)
     y = torch.randint(0, 10, (6,))
     results = []
-    for module, loss_fn in ((reference, local_loss), (candidate, prototype.local_loss)):
+    for module, loss_fn in ((reference, local_loss), (candidate, graph_loss.local_loss)):
         out = module(x)
         loss = loss_fn(
             out.logits, y, out.residues, method=method, tau=0.3, multiplier=1.7,
@@ -73,7 +73,7 @@ def test_tiny_run_writes_json_and_tables(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads((tmp_path / "overhead.json").read_text())
     assert results["target"] == 1.03
-    for impl in ("package", "prototype"):
+    for impl in ("package", "graph"):
         rows = results[impl]
         assert [r["modules"] for r in rows] == [2, 3]
         for row in rows:
@@ -83,8 +83,9 @@ def test_tiny_run_writes_json_and_tables(tmp_path):
             assert row["ratio"] == row["median_step_s"]["trgl"] / row["median_step_s"]["vanilla"]
             assert row["paired_ratio_min"] <= row["paired_ratio_median"] <= row["paired_ratio_max"]
     ops = {r["op"]: r for r in results["profile"]["package"]["ops"]}
-    # The package's transport backward runs for TRGL only; the prototype has no such node.
-    assert ops["PowBackward0"]["vanilla_ms"] == 0 < ops["PowBackward0"]["trgl_ms"]
-    assert "PowBackward0" not in {r["op"] for r in results["profile"]["prototype"]["ops"]}
+    # W in the graph: its backward (PowBackward) runs for TRGL only; the package has none.
+    graph_ops = {r["op"]: r for r in results["profile"]["graph"]["ops"]}
+    assert graph_ops["PowBackward0"]["vanilla_ms"] == 0 < graph_ops["PowBackward0"]["trgl_ms"]
+    assert "PowBackward0" not in ops
     table = (tmp_path / "overhead.md").read_text()
     assert "| K | VanGL step s |" in table and "PowBackward0" in table

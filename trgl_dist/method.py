@@ -7,7 +7,7 @@ nothing else, so there is exactly one implementation of TRGL.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -95,6 +95,46 @@ class LocalLoss:
     transport: Tensor
 
 
+def transport_weight(method: str, tau: float = math.inf) -> float:
+    """d total / d W: 0 for VanGL (and TRGL with an infinite tau), 1 / (2 tau) for TRGL,
+    1 for the multipliers."""
+    if method == "trgl":
+        return 1 / (2 * tau) if math.isfinite(tau) else 0.0
+    if method == "multipliers":
+        return 1.0
+    if method == "vanilla":
+        return 0.0
+    raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+
+
+def add_transport_gradient(residues: Sequence[Tensor], weight: float, norm: str = "mean") -> None:
+    """Make the next backward through each residue add ``weight * dW/dr = weight * 2 r / n``
+    to its gradient (n: the element count for ``mean``, the batch size for ``sum``).
+
+    Why a hook and not ``W`` in the graph: autograd runs the newest nodes first, so a ``W``
+    built after the forward would be differentiated before anything else, every block's
+    ``2 r / n`` at once, each kept until the backward reaches its block. The hook adds it
+    when the backward reaches the block, in one fused pass, one residue-sized buffer at a
+    time. It fires once and then lets go of the residue.
+    """
+    if norm not in TRANSPORT_NORMS:
+        raise ValueError(f"transport norm must be one of {TRANSPORT_NORMS}, got {norm!r}")
+    for r in residues:
+        if not r.requires_grad:
+            continue
+        divisor = r.numel() if norm == "mean" else r.shape[0]
+        r.register_hook(_transport_hook(r.detach(), 2.0 * weight / divisor))
+
+
+def _transport_hook(r: Tensor, alpha: float) -> Callable[[Tensor], Tensor]:
+    held = [r]  # a detached alias, so no reference cycle through r's grad_fn
+
+    def hook(grad: Tensor) -> Tensor:
+        return grad.add(held.pop(), alpha=alpha) if held else grad
+
+    return hook
+
+
 def local_loss(
     logits: Tensor,
     targets: Tensor,
@@ -106,22 +146,21 @@ def local_loss(
     transport_norm: str = "mean",
     label_smoothing: float = 0.1,
 ) -> LocalLoss:
-    """The local objective of one module.
+    """The local objective of one module; ``total.backward()`` (once) gives its gradients.
 
     vanilla:      CE_ls
     trgl:         CE_ls + W / (2 tau)
     multipliers:  lambda * CE_ls + W
-    The transport cost is always computed (it is logged for VanGL too) but only
-    enters the gradient where the method uses it.
+    ``total`` has this value, but only its CE part is in the autograd graph: the gradient
+    of the transport term reaches the residues through ``add_transport_gradient``. The
+    transport cost is always computed (it is logged for VanGL too).
     """
     ce = F.cross_entropy(logits, targets, label_smoothing=label_smoothing)
-    transport = transport_cost(residues, transport_norm).to(ce.device)
-    if method == "vanilla":
-        total = ce
-    elif method == "trgl":
-        total = ce + transport / (2 * tau) if math.isfinite(tau) else ce
-    elif method == "multipliers":
-        total = multiplier * ce + transport
-    else:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    return LocalLoss(total=total, ce=ce.detach(), transport=transport.detach())
+    with torch.no_grad():
+        transport = transport_cost(residues, transport_norm).to(ce.device)
+    weight = transport_weight(method, tau)
+    if weight:
+        add_transport_gradient(residues, weight, transport_norm)
+    scaled = multiplier * ce if method == "multipliers" else ce
+    total = scaled + weight * transport if weight else scaled
+    return LocalLoss(total=total, ce=ce.detach(), transport=transport)

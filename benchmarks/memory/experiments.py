@@ -33,15 +33,15 @@ from trgl_dist.split import split_blocks
 log = logging.getLogger("memory.experiments")
 #: The test pass sends batches twice the training batch (``feed.py``: 2 * batch_size).
 EVAL_BATCH_FACTOR = 2
-PROTOTYPE = Path(__file__).resolve().parents[1] / "overhead" / "prototype.py"
-#: Method names of this benchmark: trgl_dist's, plus TRGL with the prototype local loss
-#: proposed for trgl_dist/method.py (benchmarks/overhead/prototype.py).
-TRGL_HOOK = "trgl-hook"
+GRAPH_LOSS = Path(__file__).resolve().parents[1] / "overhead" / "graph_loss.py"
+#: Method names of this benchmark: trgl_dist's, plus TRGL with the literal local loss that
+#: puts W in the autograd graph (benchmarks/overhead/graph_loss.py), as a baseline.
+TRGL_GRAPH = "trgl-graph"
 
 
-def prototype_loss() -> LossFn:
-    """The prototype's ``local_loss``, loaded by path under a unique module name."""
-    spec = importlib.util.spec_from_file_location("overhead_prototype", PROTOTYPE)
+def graph_loss() -> LossFn:
+    """The in-graph ``local_loss``, loaded by path under a unique module name."""
+    spec = importlib.util.spec_from_file_location("overhead_graph_loss", GRAPH_LOSS)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -50,8 +50,8 @@ def prototype_loss() -> LossFn:
 
 def method_parts(method: str) -> tuple[str, LossFn]:
     """(trgl_dist method name, local loss function) of a benchmark method name."""
-    if method == TRGL_HOOK:
-        return "trgl", prototype_loss()
+    if method == TRGL_GRAPH:
+        return "trgl", graph_loss()
     return method, local_loss
 
 

@@ -54,8 +54,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--methods",
         nargs="+",
-        default=["vanilla", "trgl", "trgl-hook"],
-        help="trgl-hook: TRGL with the prototype loss of benchmarks/overhead/prototype.py",
+        default=["vanilla", "trgl", "trgl-graph"],
+        help="trgl-graph: TRGL with W in the autograd graph (benchmarks/overhead/graph_loss.py)",
     )
     p.add_argument("--breakdown-modules", type=int, nargs="+", default=[2, 4, 16])
     p.add_argument("--check-model", default="resnet110", help="model of the real RSS run")

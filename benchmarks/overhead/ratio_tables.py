@@ -56,14 +56,14 @@ def report(results: dict[str, Any]) -> str:
             f"{s['batch_size']}, lock-step steps (forward, local loss, backward, SGD step of "
             f"every module), 1 thread, {s['warmup']} warm-up + {s['steps']} timed steps per "
             f"method, interleaved. Target: ratio <= {target}.\n",
-            "### TRGL vs VanGL, trgl_dist.method as it is\n",
+            "### TRGL vs VanGL: trgl_dist (transport gradient added by hooks)\n",
             ratio_table(results["package"], target),
-            "### The same with the prototype local loss (prototype.py, proposed for method.py)\n",
-            ratio_table(results["prototype"], target),
-            "### Where the extra time goes: trgl_dist.method as it is\n",
+            "### The same with W in the autograd graph (graph_loss.py, the literal loss)\n",
+            ratio_table(results["graph"], target),
+            "### Where the extra time goes: trgl_dist\n",
             profile_table(results["profile"]["package"]),
-            "### Where the extra time goes: the prototype\n",
-            profile_table(results["profile"]["prototype"]),
+            "### Where the extra time goes: W in the autograd graph\n",
+            profile_table(results["profile"]["graph"]),
             environment_lines(results["environment"]),
         ]
     )

@@ -2,9 +2,9 @@
 
 One process, one thread, warm, the two methods interleaved step by step, median of many
 lock-step batches (each module's real ``ModuleLearner.train_step``). Also: the per-op
-profile of the difference, and the same comparison with the prototype local loss of
-``prototype.py`` (before/after: the fix proposed for trgl_dist/method.py). Writes
-results/overhead.json and results/overhead.md.
+profile of the difference, and the same comparison with the literal local loss of
+``graph_loss.py`` (``W`` in the autograd graph), to show what the package's transport
+hooks save. Writes results/overhead.json and results/overhead.md.
 
     python benchmarks/overhead/run.py            # K = 2, 4, 8, 16 (about 8 minutes)
     python benchmarks/overhead/run.py --quick    # K = 4, fewer steps (under 3 minutes)
@@ -26,7 +26,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(1, str(HERE.parents[1]))  # the repo root: trgl_dist without installing it
 
-import prototype  # noqa: E402
+import graph_loss  # noqa: E402
 import torch  # noqa: E402
 from op_profile import op_differences, op_times  # noqa: E402
 from ratio_tables import report  # noqa: E402
@@ -56,17 +56,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def run(setting: Setting, args: argparse.Namespace) -> dict[str, Any]:
-    results: dict[str, Any] = {"package": [], "prototype": []}
+    results: dict[str, Any] = {"package": [], "graph": []}
     for k in args.modules:
         results["package"].append(compare(setting, k))
         log.info("K=%d package: %s", k, results["package"][-1])
-        results["prototype"].append(compare(setting, k, prototype.local_loss))
-        log.info("K=%d prototype: %s", k, results["prototype"][-1])
+        results["graph"].append(compare(setting, k, graph_loss.local_loss))
+        log.info("K=%d graph: %s", k, results["graph"][-1])
     k = args.modules[0]
     short = replace(setting, steps=args.profile_steps)
     results["profile"] = {
         impl: {"modules": k, "ops": op_differences(op_times(short, k, short.steps, loss))}
-        for impl, loss in (("package", None), ("prototype", prototype.local_loss))
+        for impl, loss in (("package", None), ("graph", graph_loss.local_loss))
     }
     return results
 
