@@ -44,7 +44,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--width", type=int, default=0, help="0: the model's default width")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--modules", type=int, nargs="+", default=[2, 4, 8, 16])
-    p.add_argument("--steps", type=int, default=8, help="timed steps per method")
+    p.add_argument("--steps", type=int, default=16, help="timed steps per method")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--profile-steps", type=int, default=2)
     p.add_argument("--out", type=Path, default=HERE / "results")
