@@ -60,7 +60,7 @@ def test_smoke_study_writes_tables_plot_and_resumes(tmp_path):
     runs = [json.loads(line) for line in (tmp_path / "runs.jsonl").read_text().splitlines()]
     assert all(r["status"] == "ok" for r in runs)
     phases = {r["phase"] for r in runs}
-    assert phases == {"sweep", "main", "pipeline", "regimes"}
+    assert phases == {"sweep", "main", "pipeline", "regimes", "modules"}
     # Tuning never looks at the test set: every sweep run scored the validation split.
     assert all(r["validation"] for r in runs if r["phase"] == "sweep")
     assert not any(r["validation"] for r in runs if r["phase"] != "sweep")
@@ -70,7 +70,11 @@ def test_smoke_study_writes_tables_plot_and_resumes(tmp_path):
     assert methods == {("vanilla", 2), ("trgl", 2), ("e2e", 2)}
     # The pipeline runtime's contract: same seed, same accuracy as the parallel regime.
     assert results["pipeline_check"]["max_abs_difference"] == pytest.approx(0.0, abs=1e-6)
+    # The same network cut into fewer modules, next to the main runs' K.
+    counts = {(row["modules"], row["gain_last"]["n"]) for row in results["module_counts"]}
+    assert counts == {(2, 2), (4, 2)}
     table = (tmp_path / "table.md").read_text()
+    assert "Gain larger with more modules?" in table
     assert "| VanGL |" in table and "| TRGL |" in table and "| E2E |" in table
     assert (tmp_path / "accuracy_by_module.png").stat().st_size > 0
     # A second invocation finds every run recorded and trains nothing.

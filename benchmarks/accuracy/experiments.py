@@ -15,7 +15,9 @@ class Preset:
 
     name: str
     dataset: str
-    model_flags: tuple[str, ...]
+    model_flags: tuple[str, ...]  # the network, without its split into modules
+    blocks: int  # residual blocks of the network
+    modules: int  # K of the main runs (blocks / K blocks per module)
     batch_size: int
     sizes: tuple[int, ...]
     epochs: tuple[int, ...]  # per entry of ``sizes``: fewer samples, more epochs
@@ -30,6 +32,7 @@ class Preset:
     pipeline_ranks: int
     fullset_seeds: tuple[int, ...] = ()  # the whole training set (train size 0)
     fullset_epochs: int = 1
+    fewer_modules: tuple[int, ...] = ()  # the same network cut into fewer modules
     extra_flags: tuple[str, ...] = ()
 
     @property
@@ -42,15 +45,17 @@ class Preset:
         return self.epochs[self.sizes.index(size)]
 
 
-KM16 = ("--model", "km-resnet", "--modules", "16", "--blocks-per-module", "1", "--width", "16")
+KM_RESNET = ("--model", "km-resnet", "--width", "16")
 
 FULL = Preset(
     name="full",
     dataset="fashion-mnist",
-    model_flags=KM16,
+    model_flags=KM_RESNET,
+    blocks=16,
+    modules=16,
     batch_size=64,
     sizes=(600, 1200, 6000),
-    epochs=(16, 8, 2),
+    epochs=(16, 8, 4),
     seeds=(0, 1, 2),
     val_size=1000,
     lr_grid=(0.01, 0.05),
@@ -58,10 +63,11 @@ FULL = Preset(
     tau_grid=(0.1, 0.5, 2.0, 10.0),
     seq_seeds=(0, 1, 2),
     seq_epochs=8,
-    pipeline_epochs=2,
+    pipeline_epochs=16,
     pipeline_ranks=2,
     fullset_seeds=(0,),
     fullset_epochs=1,
+    fewer_modules=(4,),
 )
 
 QUICK = replace(
@@ -82,16 +88,9 @@ QUICK = replace(
 SMOKE = Preset(
     name="smoke",
     dataset="synthetic",
-    model_flags=(
-        "--model",
-        "km-resnet",
-        "--modules",
-        "4",
-        "--blocks-per-module",
-        "1",
-        "--width",
-        "4",
-    ),
+    model_flags=("--model", "km-resnet", "--width", "4"),
+    blocks=4,
+    modules=4,
     batch_size=32,
     sizes=(96, 192),
     epochs=(1, 1),
@@ -104,6 +103,7 @@ SMOKE = Preset(
     seq_epochs=1,
     pipeline_epochs=1,
     pipeline_ranks=2,
+    fewer_modules=(2,),
     extra_flags=("--synthetic-train", "384", "--synthetic-test", "128"),
 )
 
@@ -124,14 +124,16 @@ class RunSpec:
     tau: float = 1.0
     validation: bool = False
     final_eval_only: bool = True
+    modules: int = 0  # 0: the preset's K
 
     @property
     def run_id(self) -> str:
         tau = f"-tau{self.tau:g}" if self.method == "trgl" else ""
         split = "-val" if self.validation else ""
+        k = f"-K{self.modules}" if self.modules else ""
         return (
             f"{self.phase}-{self.method}-{self.regime}-n{self.size}-e{self.epochs}"
-            f"-lr{self.lr:g}{tau}-s{self.seed}{split}"
+            f"-lr{self.lr:g}{tau}{k}-s{self.seed}{split}"
         )
 
 
@@ -139,10 +141,15 @@ def train_flags(preset: Preset, spec: RunSpec) -> list[str]:
     """The `python -m trgl_dist.train` flags of one run (without --out)."""
     regime = "parallel" if spec.regime == "pipeline" else spec.regime
     method = "vanilla" if spec.method == "e2e" else spec.method
+    modules = spec.modules or preset.modules
     flags = [
         "--dataset",
         preset.dataset,
         *preset.model_flags,
+        "--modules",
+        str(modules),
+        "--blocks-per-module",
+        str(preset.blocks // modules),
         *preset.extra_flags,
         "--batch-size",
         str(preset.batch_size),
@@ -227,6 +234,19 @@ def regime_runs(preset: Preset, lr: float, tau: float) -> list[RunSpec]:
         RunSpec("regimes", method, regime, size, seed, preset.seq_epochs, lr, tau)
         for regime in ("sequential", "multilap")
         for seed in preset.seq_seeds
+        for method in MODULEWISE
+    ]
+
+
+def module_count_runs(preset: Preset, lr: float, tau: float) -> list[RunSpec]:
+    """VanGL and TRGL at the smallest size on the same network cut into fewer modules (the
+    main runs are the many-module side), same lr and tau, same seeds."""
+    size = preset.sweep_size
+    return [
+        RunSpec("modules", method, "parallel", size, seed, preset.epochs_for(size), lr, tau,
+                modules=k)
+        for k in preset.fewer_modules
+        for seed in preset.seeds
         for method in MODULEWISE
     ]
 

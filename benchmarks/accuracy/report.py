@@ -99,6 +99,49 @@ def regime_table(results: list[dict[str, Any]]) -> tuple[list[str], list[dict]]:
     return rows, data
 
 
+def modules_table(
+    results: list[dict[str, Any]], preset: Preset
+) -> tuple[list[str], list[dict[str, Any]]]:
+    """The same network cut into K modules: VanGL, TRGL and the paired TRGL - VanGL gain,
+    at the smallest train size. The main runs give the preset's K."""
+    rows = [
+        "| K modules | blocks per module | n seeds | VanGL last (%) | TRGL last (%) "
+        "| TRGL - VanGL, last (%) | TRGL - VanGL, best (%) |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    data = []
+    size = preset.sweep_size
+    for k in sorted({preset.modules, *preset.fewer_modules}):
+        phase, spec_k = ("main", 0) if k == preset.modules else ("modules", k)
+        runs = {
+            m: ok_runs(results, phase=phase, method=m, size=size, modules=spec_k)
+            for m in MODULEWISE
+        }
+        if not runs["vanilla"] or not runs["trgl"]:
+            continue
+        d = {
+            "modules": k,
+            "blocks_per_module": preset.blocks // k,
+            "vanilla_last": group_stats(runs["vanilla"])["last"],
+            "trgl_last": group_stats(runs["trgl"])["last"],
+            "gain_last": paired_difference(runs["trgl"], runs["vanilla"], "last_module_accuracy"),
+            "gain_best": paired_difference(runs["trgl"], runs["vanilla"], "best_module_accuracy"),
+            "gain_by_seed": _gains_by_seed(runs["trgl"], runs["vanilla"]),
+        }
+        data.append(d)
+        rows.append(
+            f"| {k} | {d['blocks_per_module']} | {d['gain_last']['n']} | {fmt(d['vanilla_last'])} "
+            f"| {fmt(d['trgl_last'])} | {fmt(d['gain_last'])} | {fmt(d['gain_best'])} |"
+        )
+    return rows, data
+
+
+def _gains_by_seed(trgl: list[dict[str, Any]], vanilla: list[dict[str, Any]]) -> dict[int, float]:
+    base = {r["seed"]: r["last_module_accuracy"] for r in vanilla}
+    key = "last_module_accuracy"
+    return {r["seed"]: r[key] - base[r["seed"]] for r in trgl if r["seed"] in base}
+
+
 def sweep_table(results: list[dict[str, Any]], choice: dict[str, Any]) -> list[str]:
     rows = [
         "| method | lr | tau | validation last-module acc. (%) | validation best-module acc. (%) "
@@ -204,6 +247,7 @@ def write_report(
     cmp_rows, cmp_data = comparison_table(results, sizes)
     reg_rows, reg_data = regime_table(results)
     pipe_rows, pipe_data = pipeline_table(results, preset.pipeline_epochs)
+    mod_rows, mod_data = modules_table(results, preset)
     plotted = plot_by_module(results, preset.sizes[0], out / PLOT_FILE)
     aggregate = {
         "preset": preset.name,
@@ -213,6 +257,7 @@ def write_report(
         "main": main_data,
         "paired_differences": cmp_data,
         "regimes": reg_data,
+        "module_counts": mod_data,
         "pipeline_check": pipe_data,
         "plot": PLOT_FILE if plotted else None,
         "runs": len(results),
@@ -233,6 +278,11 @@ def write_report(
         "### Paired differences (same seed = same data subset and init)",
         "",
         *cmp_rows,
+        "",
+        f"### Many modules or few: the same network cut into K modules, train size "
+        f"{preset.sweep_size}",
+        "",
+        *mod_rows,
         "",
         "### Sequential and multi-lap regimes",
         "",

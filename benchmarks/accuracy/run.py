@@ -6,8 +6,9 @@
 
 Phases: lr sweep and tau sweep on a validation split carved from the training set, then
 VanGL/TRGL (parallel regime) and E2E at each train size and seed, the pipeline check,
-sequential/multilap, and (full mode) the whole training set. Each finished run is one line
-of OUT/runs.jsonl; a re-run skips finished runs, so an interrupted study resumes.
+the same network cut into fewer modules, sequential/multilap, and (full mode) the whole
+training set. Each finished run is one line of OUT/runs.jsonl; a re-run skips finished
+runs, so an interrupted study resumes.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from experiments import (  # noqa: E402
     RunSpec,
     lr_sweep,
     method_runs,
+    module_count_runs,
     pipeline_pair,
     regime_runs,
     tau_sweep,
@@ -118,6 +120,7 @@ def run_study(study: Study) -> dict[str, Any]:
         study.run(method_runs(preset, "main", (size,), preset.seeds, lr, e2e_lr, tau))
         if size == preset.sizes[0]:  # the cheap, required checks before the big sizes
             study.run(pipeline_pair(preset, lr, tau))
+            study.run(module_count_runs(preset, lr, tau))
     study.run(regime_runs(preset, lr, tau))
     if preset.fullset_seeds:
         study.run(method_runs(preset, "main", (0,), preset.fullset_seeds, lr, e2e_lr, tau))

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from report import size_label
-from stats import excludes_zero, fmt
+from stats import excludes_zero, fmt, mean_ci
 
 
 def _sign_word(stat: dict[str, Any], above: str, below: str, unresolved: str) -> str:
@@ -55,6 +55,29 @@ def _scarcity_line(aggregate: dict[str, Any]) -> str:
     )
 
 
+def _modules_line(aggregate: dict[str, Any]) -> str:
+    """Is TRGL's gain over VanGL larger with more modules? The gain difference is paired by
+    seed (same training subset at every K)."""
+    rows = aggregate["module_counts"]
+    if len(rows) < 2:
+        return "- Many modules: not enough module counts finished to compare."
+    few, many = rows[0], rows[-1]
+    shared = sorted(set(few["gain_by_seed"]) & set(many["gain_by_seed"]))
+    diff = mean_ci([many["gain_by_seed"][s] - few["gain_by_seed"][s] for s in shared])
+    word = _sign_word(
+        diff,
+        "yes (interval above 0)",
+        "no, smaller (interval below 0)",
+        "no significant difference (interval contains 0)",
+    )
+    return (
+        f"- Gain larger with more modules? TRGL - VanGL last-module gain at K = "
+        f"{many['modules']}: {fmt(many['gain_last'])}, at K = {few['modules']}: "
+        f"{fmt(few['gain_last'])} points; difference of the gains, paired by seed: "
+        f"{fmt(diff)}: **{word}**."
+    )
+
+
 def _e2e_lines(aggregate: dict[str, Any]) -> list[str]:
     lines = []
     for d in aggregate["paired_differences"]:
@@ -82,7 +105,7 @@ def verdict_lines(aggregate: dict[str, Any]) -> list[str]:
         "Transport regularization vs stagnation/collapse of deep module-wise training:",
         *_collapse_lines(aggregate),
         _scarcity_line(aggregate),
-        "- Many modules: **not tested** (K is fixed at 16 modules of one block each).",
+        _modules_line(aggregate),
         "Module-wise training competitive with E2E (same epochs):",
         *_e2e_lines(aggregate),
         _pipeline_line(aggregate),
