@@ -36,7 +36,7 @@ from trgl_dist.split import balanced_partition, equal_depth, profile_times  # no
 
 log = logging.getLogger("throughput")
 PRESETS: dict[str, dict[str, Any]] = {
-    "full": {"model": "resnet110", "width": 0, "batch_size": 32, "steps": 16, "warmup": 3,
+    "full": {"model": "resnet110", "width": 0, "batch_size": 32, "steps": 48, "warmup": 3,
              "ks": (2, 4), "microbatches": (1, 2, 4), "threads": (1, 2)},
     "quick": {"model": "resnet-small", "width": 16, "batch_size": 32, "steps": 16, "warmup": 3,
               "ks": (2, 4), "microbatches": (1, 2), "threads": (1, 2)},
