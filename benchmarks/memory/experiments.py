@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from benchenv import NetworkSetting
 from tracker import (
     MIB,
     LossFn,
@@ -25,9 +26,9 @@ from tracker import (
     stage_step,
 )
 
-from trgl_dist.config import Config, PipelineConfig
+from trgl_dist.config import PipelineConfig
 from trgl_dist.method import local_loss
-from trgl_dist.models import InputSpec, build_backbone
+from trgl_dist.models import build_backbone
 from trgl_dist.split import split_blocks
 
 log = logging.getLogger("memory.experiments")
@@ -56,31 +57,11 @@ def method_parts(method: str) -> tuple[str, LossFn]:
 
 
 @dataclass(frozen=True)
-class Setting:
-    """The network and batch every configuration of one benchmark run shares."""
+class Setting(NetworkSetting):
+    """The network, batch and buffer bound every configuration of one run shares."""
 
-    model: str = "resnet110"
-    channels: int = 3
     size: int = 96
-    num_classes: int = 10
-    width: int = 0
-    batch_size: int = 64
     buffer_size: int = PipelineConfig.buffer_size
-
-    @property
-    def spec(self) -> InputSpec:
-        return InputSpec(self.channels, self.size, self.num_classes)
-
-    def config(self, modules: int, method: str) -> Config:
-        return (
-            Config()
-            .replace("model", name=self.model, modules=modules, width=self.width)
-            .replace("method", name=method)
-            .replace("data", batch_size=self.batch_size)
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def block_counts(setting: Setting, modules: int, split: str) -> list[int]:

@@ -18,6 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parents[2]))  # trgl_dist without installing it
+sys.path.insert(2, str(Path(__file__).resolve().parents[1]))  # benchenv
 
 from experiments import Setting, block_counts  # noqa: E402
 from tracker import MIB  # noqa: E402

@@ -13,7 +13,6 @@ import argparse
 import json
 import logging
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -24,9 +23,10 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(1, str(HERE.parents[1]))  # the repo root: trgl_dist without installing it
+sys.path.insert(2, str(HERE.parent))  # benchenv
 
 import cuda_peak  # noqa: E402
-import torch  # noqa: E402
+from benchenv import environment, write_outputs  # noqa: E402
 from experiments import Setting, measure_config, measure_e2e  # noqa: E402
 from memory_tables import report  # noqa: E402
 
@@ -156,76 +156,29 @@ def slope(lo: dict[str, Any], hi: dict[str, Any]) -> dict[str, float]:
     }
 
 
-def cpu_model() -> str:
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        return platform.processor() or platform.machine()
-    names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
-    return names[0] if names else platform.machine()
-
-
-def environment() -> dict[str, Any]:
-    import psutil
-    import torchvision
-
-    return {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "torchvision": torchvision.__version__,
-        "platform": platform.platform(),
-        "cpu_model": cpu_model(),
-        "libc": " ".join(platform.libc_ver()),
-        "cpus": psutil.cpu_count(),
-        "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
-        "command": " ".join(["python", "benchmarks/memory/run.py", *sys.argv[1:]]),
-    }
-
-
-BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
-
-
-def splice_readme(readme: Path, markdown: str) -> None:
-    """Put ``markdown`` between the README's results markers, verbatim."""
-    if not readme.exists():
-        return
-    text = readme.read_text()
-    if BEGIN not in text or END not in text:
-        log.warning("%s has no results markers; left as it is", readme)
-        return
-    head, rest = text.split(BEGIN, 1)
-    tail = rest.split(END, 1)[1]
-    readme.write_text(f"{head}{BEGIN}\n{markdown}{END}{tail}")
-
-
-def write_outputs(results: dict[str, Any], out: Path, name: str) -> None:
-    """results JSON and markdown; the full run's markdown also goes into the README."""
-    out.mkdir(parents=True, exist_ok=True)
-    markdown = report(results)
-    (out / f"{name}.json").write_text(json.dumps(results, indent=1))
-    (out / f"{name}.md").write_text(markdown)
-    if out.resolve() == (HERE / "results").resolve() and name == "memory":
-        splice_readme(HERE / "README.md", markdown)
-
-
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if args.render:
         results = json.loads(args.render.read_text())
-        write_outputs(results, args.render.parent, args.render.stem)
+        write_outputs(
+            results, report(results), args.render.parent, args.render.stem, HERE, "memory"
+        )
         return
     started = time.perf_counter()
     setting = Setting(
         model=args.model, size=args.size, width=args.width, batch_size=args.batch_size
     )
-    results: dict[str, Any] = {"setting": setting.to_dict(), "environment": environment()}
+    results: dict[str, Any] = {
+        "setting": setting.to_dict(),
+        "environment": environment("benchmarks/memory/run.py"),
+    }
     results.update(run_grid(setting, args))
     if not args.no_check:
         results["estimator"] = estimator_check(args)
     results["seconds"] = time.perf_counter() - started
     name = "memory_quick" if args.quick else "memory"
-    write_outputs(results, args.out, name)
+    write_outputs(results, report(results), args.out, name, HERE, "memory")
     log.info("wrote %s in %.0f s", args.out / f"{name}.md", results["seconds"])
 
 

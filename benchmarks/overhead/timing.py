@@ -7,16 +7,15 @@ import statistics
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import torch
+from benchenv import NetworkSetting
 from torch import Tensor
 
 import trgl_dist.learner
-from trgl_dist.config import Config
 from trgl_dist.learner import ModuleLearner, taus
-from trgl_dist.models import InputSpec
 from trgl_dist.network import build_network
 
 METHODS = ("vanilla", "trgl")
@@ -24,33 +23,12 @@ LossFn = Callable[..., Any]
 
 
 @dataclass(frozen=True)
-class Setting:
+class Setting(NetworkSetting):
     """Model, input and work of one comparison (same for both methods)."""
 
-    model: str = "resnet110"
-    channels: int = 3
-    size: int = 32
-    num_classes: int = 10
-    width: int = 0
-    batch_size: int = 64
     warmup: int = 2  # untimed steps per method
     steps: int = 15  # timed steps per method
     seed: int = 0
-
-    @property
-    def spec(self) -> InputSpec:
-        return InputSpec(self.channels, self.size, self.num_classes)
-
-    def config(self, modules: int, method: str) -> Config:
-        return (
-            Config()
-            .replace("model", name=self.model, modules=modules, width=self.width)
-            .replace("method", name=method)
-            .replace("data", batch_size=self.batch_size)
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def build_pair(setting: Setting, modules: int) -> dict[str, list[ModuleLearner]]:
