@@ -60,6 +60,39 @@ def test_graph_loss_matches_the_package(method, norm):
         torch.testing.assert_close(a, b)
 
 
+def test_learner_trains_alike_with_both_losses_over_many_steps(monkeypatch):
+    """A module trained for several steps (SGD with momentum, BatchNorm statistics) through
+    ModuleLearner.train_step ends with the same parameters and running statistics whether
+    the transport gradient comes from the hooks or from W in the graph (float64: rounding
+    aside, the two are one objective)."""
+    import trgl_dist.learner as learner_module
+    from trgl_dist.config import Config
+    from trgl_dist.learner import ModuleLearner
+
+    graph_loss = _load_graph_loss()
+    torch.manual_seed(0)
+    spec = InputSpec(3, 8, 10)
+    backbone = build_backbone("resnet-small", spec, num_modules=2, width=4)
+    initial = build_modules(backbone, [5, 4], spec)[0].double()
+    config = Config().replace("model", name="resnet-small", modules=2, width=4)
+    data = [
+        (torch.randn(8, 3, 8, 8, dtype=torch.float64), torch.randint(0, 10, (8,)))
+        for _ in range(6)
+    ]
+    trained = []
+    for loss_fn in (local_loss, graph_loss.local_loss):
+        monkeypatch.setattr(learner_module, "local_loss", loss_fn)
+        module = copy.deepcopy(initial)
+        learner = ModuleLearner(0, module, config, tau=0.05)
+        for x, y in data:
+            learner.train_step(x, y)
+        trained.append(module.state_dict())
+    hooks, graph = trained
+    assert any(not torch.equal(v, initial.state_dict()[k]) for k, v in hooks.items())
+    for name in hooks:
+        torch.testing.assert_close(hooks[name], graph[name], rtol=1e-10, atol=1e-12)
+
+
 def test_tiny_run_writes_json_and_tables(tmp_path):
     flags = [
         "--model", "resnet-small", "--size", "8", "--width", "4", "--batch-size", "4",
