@@ -135,6 +135,15 @@ def _transport_hook(r: Tensor, alpha: float) -> Callable[[Tensor], Tensor]:
     return hook
 
 
+def objective(
+    ce: Tensor, transport: Tensor, *, method: str, weight: float, multiplier: float = 1.0
+) -> Tensor:
+    """``lambda * CE + W`` for the multipliers, ``CE + weight * W`` otherwise (``weight`` from
+    ``transport_weight``; no W term at weight 0)."""
+    scaled = multiplier * ce if method == "multipliers" else ce
+    return scaled + weight * transport if weight else scaled
+
+
 def local_loss(
     logits: Tensor,
     targets: Tensor,
@@ -161,6 +170,5 @@ def local_loss(
     weight = transport_weight(method, tau)
     if weight:
         add_transport_gradient(residues, weight, transport_norm)
-    scaled = multiplier * ce if method == "multipliers" else ce
-    total = scaled + weight * transport if weight else scaled
+    total = objective(ce, transport, method=method, weight=weight, multiplier=multiplier)
     return LocalLoss(total=total, ce=ce.detach(), transport=transport)

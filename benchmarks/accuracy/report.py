@@ -12,6 +12,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from experiments import METHOD_LABELS, MODULEWISE, Preset  # noqa: E402
 from stats import (  # noqa: E402
+    differences_by_seed,
     fmt,
     group_stats,
     ok_runs,
@@ -126,7 +127,9 @@ def modules_table(
             "trgl_last": group_stats(runs["trgl"])["last"],
             "gain_last": paired_difference(runs["trgl"], runs["vanilla"], "last_module_accuracy"),
             "gain_best": paired_difference(runs["trgl"], runs["vanilla"], "best_module_accuracy"),
-            "gain_by_seed": _gains_by_seed(runs["trgl"], runs["vanilla"]),
+            "gain_by_seed": differences_by_seed(
+                runs["trgl"], runs["vanilla"], "last_module_accuracy"
+            ),
         }
         data.append(d)
         rows.append(
@@ -134,12 +137,6 @@ def modules_table(
             f"| {fmt(d['trgl_last'])} | {fmt(d['gain_last'])} | {fmt(d['gain_best'])} |"
         )
     return rows, data
-
-
-def _gains_by_seed(trgl: list[dict[str, Any]], vanilla: list[dict[str, Any]]) -> dict[int, float]:
-    base = {r["seed"]: r["last_module_accuracy"] for r in vanilla}
-    key = "last_module_accuracy"
-    return {r["seed"]: r[key] - base[r["seed"]] for r in trgl if r["seed"] in base}
 
 
 def sweep_table(results: list[dict[str, Any]], choice: dict[str, Any]) -> list[str]:

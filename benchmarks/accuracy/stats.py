@@ -83,9 +83,15 @@ def paired_difference(
     a_runs: Sequence[dict[str, Any]], b_runs: Sequence[dict[str, Any]], key: str
 ) -> dict[str, Any]:
     """CI of a - b over the seeds both have (same seed: same data subset and initial weights)."""
+    return mean_ci(list(differences_by_seed(a_runs, b_runs, key).values()))
+
+
+def differences_by_seed(
+    a_runs: Sequence[dict[str, Any]], b_runs: Sequence[dict[str, Any]], key: str
+) -> dict[int, float]:
+    """a - b per seed, over the seeds both have."""
     b_by_seed = {r["seed"]: r[key] for r in b_runs}
-    diffs = [r[key] - b_by_seed[r["seed"]] for r in a_runs if r["seed"] in b_by_seed]
-    return mean_ci(diffs)
+    return {r["seed"]: r[key] - b_by_seed[r["seed"]] for r in a_runs if r["seed"] in b_by_seed}
 
 
 def per_module(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import torch.nn.functional as F
 from torch import Tensor
 
-from trgl_dist.method import LocalLoss, transport_cost, transport_weight
+from trgl_dist.method import LocalLoss, objective, transport_cost, transport_weight
 
 
 def local_loss(
@@ -35,6 +35,5 @@ def local_loss(
     ce = F.cross_entropy(logits, targets, label_smoothing=label_smoothing)
     transport = transport_cost(residues, transport_norm).to(ce.device)
     weight = transport_weight(method, tau)
-    scaled = multiplier * ce if method == "multipliers" else ce
-    total = scaled + weight * transport if weight else scaled
+    total = objective(ce, transport, method=method, weight=weight, multiplier=multiplier)
     return LocalLoss(total=total, ce=ce.detach(), transport=transport.detach())
