@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from trgl_dist.config import Config
-from trgl_dist.models import InputSpec
+from trgl_dist.network.models import InputSpec
 
 log = logging.getLogger("benchmarks")
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"

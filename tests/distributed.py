@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from trgl_dist import topology as topo
+from trgl_dist.runtime import topology as topo
 
 
 @dataclass

@@ -8,9 +8,9 @@ import torch
 
 from trgl_dist.config import Config
 from trgl_dist.data import build_datasets
-from trgl_dist.learner import build_learners
-from trgl_dist.network import build_network
+from trgl_dist.network.build import build_network
 from trgl_dist.regimes import Context
+from trgl_dist.training.learner import build_learners
 
 
 def small_config(**sections: dict) -> Config:

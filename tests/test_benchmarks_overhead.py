@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from trgl_dist.method import local_loss
-from trgl_dist.models import InputSpec, build_backbone
-from trgl_dist.modules import build_modules
+from trgl_dist.network.models import InputSpec, build_backbone
+from trgl_dist.network.modules import build_modules
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "overhead" / "run.py"
@@ -65,9 +65,9 @@ def test_learner_trains_alike_with_both_losses_over_many_steps(monkeypatch):
     ModuleLearner.train_step ends with the same parameters and running statistics whether
     the transport gradient comes from the hooks or from W in the graph (float64: rounding
     aside, the two are one objective)."""
-    import trgl_dist.learner as learner_module
+    import trgl_dist.training.learner as learner_module
     from trgl_dist.config import Config
-    from trgl_dist.learner import ModuleLearner
+    from trgl_dist.training.learner import ModuleLearner
 
     graph_loss = _load_graph_loss()
     torch.manual_seed(0)

@@ -9,8 +9,8 @@ from collections.abc import Callable
 import pytest
 import torch
 
-from trgl_dist.buffer import BatchBuffer, BufferClosed
-from trgl_dist.wire import HEADER_LEN, Batch, Kind
+from trgl_dist.runtime.buffer import BatchBuffer, BufferClosed
+from trgl_dist.training.items import Batch, Kind
 
 WAIT_S = 20.0  # generous bound for a state that must come; never an assertion on speed
 
@@ -246,7 +246,7 @@ def test_replay_after_close_drains_unused_and_stops_replaying() -> None:
 def test_bytes_held_are_accounted() -> None:
     buffer = BatchBuffer(3)
     batch = train(0)  # float32 (2, 3): 24 bytes of activations, no labels
-    assert batch.nbytes() == HEADER_LEN * 8 + 24
+    assert batch.nbytes() == 24
     buffer.put(batch)
     buffer.put(train(1))
     assert buffer.stats()["bytes_held"] == 2 * batch.nbytes()

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from tests.launcher import rank_process, torchrun
-from trgl_dist import checkpoint as ckpt
-from trgl_dist import manifest
+from trgl_dist.checkpoints import files as ckpt
+from trgl_dist.checkpoints import manifest
 from trgl_dist.train import main
 
 SMALL = ["--dataset", "synthetic", "--model", "resnet-small", "--width", "8",

@@ -17,15 +17,15 @@ import pytest
 import zmq
 import zmq.utils.monitor
 
-from trgl_dist.coordinator import (
+from trgl_dist.metrics.client import MetricsClient
+from trgl_dist.metrics.coordinator import (
     CoordinatorError,
     CoordinatorSettings,
     _connect_address,
     start_coordinator,
     stop_coordinator,
 )
-from trgl_dist.metrics_client import MetricsClient
-from trgl_dist.runlog import read_metrics
+from trgl_dist.metrics.runlog import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 DEADLINE_S = 120.0  # a hang guard only: every wait below ends much sooner when things work
@@ -34,7 +34,7 @@ FAST = CoordinatorSettings(grace_s=0.5, progress_interval_s=0.1, tensorboard=Fal
 # A stage stand-in: pushes the JSON records given on the command line, then closes.
 SENDER = """
 import json, sys
-from trgl_dist.metrics_client import MetricsClient
+from trgl_dist.metrics.client import MetricsClient
 client = MetricsClient(sys.argv[1])
 for rec in json.loads(sys.argv[2]):
     assert client.send(rec)
@@ -45,7 +45,7 @@ client.close()
 PARENT = """
 import json, sys, time
 from pathlib import Path
-from trgl_dist.coordinator import CoordinatorSettings, start_coordinator
+from trgl_dist.metrics.coordinator import CoordinatorSettings, start_coordinator
 settings = CoordinatorSettings(grace_s=0.5, tensorboard=False)
 process, address = start_coordinator(Path(sys.argv[1]), world_size=2, num_modules=2,
                                      regime="pipeline", settings=settings)

@@ -5,7 +5,7 @@ import torch
 
 from trgl_dist import data
 from trgl_dist.config import DataConfig
-from trgl_dist.models import InputSpec
+from trgl_dist.network.models import InputSpec
 
 
 def test_balanced_subset_is_seeded_and_balanced():

@@ -11,16 +11,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from trgl_dist import checkpoint as ckpt
-from trgl_dist import manifest
+from trgl_dist.checkpoints import files as ckpt
+from trgl_dist.checkpoints import manifest
 from trgl_dist.config import load_toml
 from trgl_dist.evaluate import main as evaluate_main
 from trgl_dist.export import choose_module
 from trgl_dist.export import main as export_main
-from trgl_dist.models import InputSpec
-from trgl_dist.modules import CutModel
-from trgl_dist.network import build_network
-from trgl_dist.runlog import read_metrics
+from trgl_dist.metrics.runlog import read_metrics
+from trgl_dist.network.build import build_network
+from trgl_dist.network.models import InputSpec
+from trgl_dist.network.modules import CutModel
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = ["--dataset", "synthetic", "--model", "resnet-small", "--width", "8", "--modules", "3",

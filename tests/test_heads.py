@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from trgl_dist.heads import HEAD_NAMES, build_head, pooled_side
+from trgl_dist.network.heads import HEAD_NAMES, build_head, pooled_side
 
 
 @pytest.mark.parametrize(

@@ -12,10 +12,11 @@ import pytest
 import torch
 
 from tests.distributed import kill_self, run_workers
-from trgl_dist.buffer import BatchBuffer, BufferClosed
-from trgl_dist.link import PeerFailure, Receiver, Sender
-from trgl_dist.topology import Topology
-from trgl_dist.wire import Batch, Kind
+from trgl_dist.runtime.buffer import BatchBuffer, BufferClosed
+from trgl_dist.runtime.link import PeerFailure, Receiver, Sender
+from trgl_dist.runtime.topology import Topology
+from trgl_dist.runtime.wire import wire_bytes
+from trgl_dist.training.items import Batch, Kind
 
 WAIT_S = 40.0  # bound on states that must come; a bug fails the test instead of hanging it
 
@@ -125,7 +126,7 @@ def test_chain_delivers_in_order_with_bounded_buffers(tmp_path: Path) -> None:
     assert first["outbox"]["max_depth"] <= capacity
     assert last["inbox"]["max_depth"] <= capacity
     assert first["outbox"]["puts"] == first["link"]["batches_sent"] == num_batches + 1
-    sent_bytes = sum(train(s).nbytes() for s in range(num_batches)) + end(0, "bye").nbytes()
+    sent_bytes = sum(wire_bytes(train(s)) for s in range(num_batches)) + wire_bytes(end(0, "bye"))
     assert first["link"]["bytes_sent"] == middle["link"]["bytes_received"] == sent_bytes
     assert middle["out"]["bytes_sent"] == last["link"]["bytes_received"] == sent_bytes
     assert first["error"] == middle["error"] == "None"

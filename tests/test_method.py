@@ -15,8 +15,8 @@ from trgl_dist.method import (
     transport_cost,
     transport_weight,
 )
-from trgl_dist.models import InputSpec, build_backbone
-from trgl_dist.modules import build_modules
+from trgl_dist.network.models import InputSpec, build_backbone
+from trgl_dist.network.modules import build_modules
 
 
 def residues():

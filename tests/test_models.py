@@ -10,12 +10,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from trgl_dist.method import local_loss
-from trgl_dist.models import MODEL_NAMES, Block, InputSpec, build_backbone
-from trgl_dist.models.blocks import BasicBlock, Bottleneck, OptionAShortcut
-from trgl_dist.models.swin import PatchMergingBlock, SwinBlock, window_for
-from trgl_dist.models.vgg import VGGLayer
-from trgl_dist.modules import build_modules
-from trgl_dist.split import equal_depth
+from trgl_dist.network.models import MODEL_NAMES, Block, InputSpec, build_backbone
+from trgl_dist.network.models.blocks import BasicBlock, Bottleneck, OptionAShortcut
+from trgl_dist.network.models.swin import PatchMergingBlock, SwinBlock, window_for
+from trgl_dist.network.models.vgg import VGGLayer
+from trgl_dist.network.modules import build_modules
+from trgl_dist.network.split import equal_depth
 
 CIFAR = InputSpec(3, 32, 10)
 #: Small widths keep every model fast on a CPU; architecture is unchanged otherwise.

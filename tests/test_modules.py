@@ -6,8 +6,14 @@ import pytest
 import torch
 from torch import nn
 
-from trgl_dist.models import Backbone, InputSpec, build_backbone
-from trgl_dist.modules import CutModel, LocalModule, ModuleOutput, build_modules, init_weights
+from trgl_dist.network.models import Backbone, InputSpec, build_backbone
+from trgl_dist.network.modules import (
+    CutModel,
+    LocalModule,
+    ModuleOutput,
+    build_modules,
+    init_weights,
+)
 
 FASHION = InputSpec(1, 28, 10)
 

@@ -7,9 +7,9 @@ import torch
 
 from tests.distributed import run_workers
 from tests.helpers import make_context, small_config
-from trgl_dist.pipeline import build_stage, run_stage
 from trgl_dist.regimes import RUNNERS
-from trgl_dist.stage import stage_modules
+from trgl_dist.runtime.pipeline import build_stage, run_stage
+from trgl_dist.training.stage import stage_modules
 
 
 def _stage_worker(topology, config):

@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from trgl_dist.report import format_console_report, write_report
-from trgl_dist.runlog import summarize
+from trgl_dist.metrics.report import format_console_report, write_report
+from trgl_dist.metrics.runlog import summarize
 
 NUM_MODULES = 4
 

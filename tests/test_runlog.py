@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from trgl_dist.runlog import (
+from trgl_dist.metrics.runlog import (
     METRICS_FILE,
     SUMMARY_FILE,
     RunLog,

@@ -10,8 +10,8 @@ import torch
 from torch import Tensor, nn
 
 from trgl_dist.config import SPLITS
-from trgl_dist.models import Backbone, InputSpec, build_backbone
-from trgl_dist.split import (
+from trgl_dist.network.models import Backbone, InputSpec, build_backbone
+from trgl_dist.network.split import (
     COST_KINDS,
     FLOAT_BYTES,
     PARAM_COPIES,

@@ -7,8 +7,8 @@ import torch
 import torch.distributed as dist
 
 from tests.distributed import run_workers
-from trgl_dist import topology as topo
-from trgl_dist.topology import Topology
+from trgl_dist.runtime import topology as topo
+from trgl_dist.runtime.topology import Topology
 
 CPU = torch.device("cpu")
 

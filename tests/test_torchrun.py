@@ -6,7 +6,7 @@ import json
 import signal
 
 from tests.launcher import rank_process, torchrun
-from trgl_dist.runlog import read_metrics
+from trgl_dist.metrics.runlog import read_metrics
 
 SMALL = ["--dataset", "synthetic", "--model", "resnet-small", "--width", "8", "--batch-size", "16",
          "--log-every", "2"]

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from trgl_dist.runlog import read_metrics
+from trgl_dist.metrics.runlog import read_metrics
 from trgl_dist.train import main
 
 

@@ -6,17 +6,17 @@ import pytest
 import torch
 
 from tests.distributed import run_workers
-from trgl_dist.topology import Topology
-from trgl_dist.wire import (
+from trgl_dist.runtime.topology import Topology
+from trgl_dist.runtime.wire import (
     HEADER_LEN,
     MAGIC,
-    Batch,
-    Kind,
     decode_header,
     encode_header,
     recv_batch,
     send_batch,
+    wire_bytes,
 )
+from trgl_dist.training.items import Batch, Kind
 
 
 def labels(batch_size: int, offset: int = 0) -> torch.Tensor:
@@ -101,7 +101,7 @@ def test_encode_rejects_what_the_wire_cannot_carry() -> None:
 def test_nbytes_counts_header_payloads_and_message() -> None:
     batch = Batch(Kind.ERROR, 0, 0, torch.zeros(2, 3, dtype=torch.float16), labels(2), None, "ab")
     # header + 6 halfs + (2, 2) int64 labels + 2 message bytes
-    assert batch.nbytes() == HEADER_LEN * 8 + 12 + 32 + 2
+    assert wire_bytes(batch) == HEADER_LEN * 8 + 12 + 32 + 2
 
 
 def exchange(topology: Topology) -> list[Batch] | int:
@@ -118,7 +118,7 @@ def test_send_recv_round_trip_between_ranks() -> None:
     assert not sent.error and not received.error, sent.error + received.error
     assert (sent.exitcode, received.exitcode) == (0, 0)
     want = sample_batches()
-    assert sent.value == sum(b.nbytes() for b in want)
+    assert sent.value == sum(wire_bytes(b) for b in want)
     assert len(received.value) == len(want)
     for got, expected in zip(received.value, want):
         assert_same_batch(got, expected)

@@ -15,7 +15,7 @@ from torchvision.datasets.utils import extract_archive
 from torchvision.transforms import v2
 
 from trgl_dist.config import DataConfig
-from trgl_dist.models import InputSpec
+from trgl_dist.network.models import InputSpec
 
 log = logging.getLogger(__name__)
 

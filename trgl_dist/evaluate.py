@@ -19,7 +19,7 @@ from torch import nn
 
 from trgl_dist.config import DATASETS, ConfigError, DataConfig
 from trgl_dist.data import SPECS, DataError, IndexedImages, build_datasets, make_loader
-from trgl_dist.models import InputSpec
+from trgl_dist.network.models import InputSpec
 
 log = logging.getLogger("trgl_dist.evaluate")
 

@@ -15,14 +15,14 @@ from typing import Any, NoReturn
 import torch
 from torch import nn
 
-from trgl_dist import checkpoint as ckpt
-from trgl_dist import manifest as layout
+from trgl_dist.checkpoints import files as ckpt
+from trgl_dist.checkpoints import manifest as layout
 from trgl_dist.config import Config, ConfigError, load_toml
 from trgl_dist.data import STATS
 from trgl_dist.evaluate import META_NAME, load_model
-from trgl_dist.models import InputSpec, build_backbone
-from trgl_dist.modules import CutModel, LocalModule, build_modules
-from trgl_dist.runlog import SUMMARY_FILE
+from trgl_dist.metrics.runlog import SUMMARY_FILE
+from trgl_dist.network.models import InputSpec, build_backbone
+from trgl_dist.network.modules import CutModel, LocalModule, build_modules
 
 log = logging.getLogger("trgl_dist.export")
 

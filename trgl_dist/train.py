@@ -10,15 +10,15 @@ from collections.abc import Sequence
 import torch
 
 from trgl_dist import cli
+from trgl_dist.checkpoints.manifest import CheckpointError
+from trgl_dist.checkpoints.snapshot import restore, run_meta, single_process_saver
 from trgl_dist.config import Config, ConfigError, write_toml
 from trgl_dist.data import DataError, build_datasets
-from trgl_dist.learner import build_learners
-from trgl_dist.manifest import CheckpointError
-from trgl_dist.network import build_network, resolve_split
+from trgl_dist.metrics.report import format_console_report, write_report
+from trgl_dist.metrics.runlog import RunLog, read_metrics, run_directory, summarize, write_summary
+from trgl_dist.network.build import build_network, resolve_split
 from trgl_dist.regimes import RUNNERS, Context
-from trgl_dist.report import format_console_report, write_report
-from trgl_dist.runlog import RunLog, read_metrics, run_directory, summarize, write_summary
-from trgl_dist.snapshot import restore, run_meta, single_process_saver
+from trgl_dist.training.learner import build_learners
 
 log = logging.getLogger("trgl_dist")
 
@@ -89,7 +89,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         config, extras = cli.parse(argv)
         resume = extras.resume is not None
         if int(os.environ.get("WORLD_SIZE", "1")) > 1 or config.train.regime == "pipeline":
-            from trgl_dist.pipeline import run_pipeline
+            from trgl_dist.runtime.pipeline import run_pipeline
 
             return run_pipeline(config.replace("train", regime="pipeline"), resume=resume)
         return run_single_process(config, resume=resume)

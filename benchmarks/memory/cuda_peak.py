@@ -15,9 +15,9 @@ import torch
 from experiments import Setting, block_counts, method_parts, stage_buffers
 from tracker import MIB, Network, e2e_parts, e2e_step, lockstep_step, stage_step
 
-from trgl_dist.learner import ModuleLearner, taus
-from trgl_dist.models import build_backbone
-from trgl_dist.modules import build_modules
+from trgl_dist.network.models import build_backbone
+from trgl_dist.network.modules import build_modules
+from trgl_dist.training.learner import ModuleLearner, taus
 
 
 def available() -> bool:

@@ -28,8 +28,8 @@ from tracker import (
 
 from trgl_dist.config import PipelineConfig
 from trgl_dist.method import local_loss
-from trgl_dist.models import build_backbone
-from trgl_dist.split import split_blocks
+from trgl_dist.network.models import build_backbone
+from trgl_dist.network.split import split_blocks
 
 log = logging.getLogger("memory.experiments")
 #: The test pass sends batches twice the training batch (``feed.py``: 2 * batch_size).

@@ -23,10 +23,10 @@ sys.path.insert(2, str(Path(__file__).resolve().parents[1]))  # benchenv
 from experiments import Setting, block_counts  # noqa: E402
 from tracker import MIB  # noqa: E402
 
-from trgl_dist.learner import ModuleLearner, build_optimizer, taus  # noqa: E402
 from trgl_dist.method import local_loss  # noqa: E402
-from trgl_dist.models import build_backbone  # noqa: E402
-from trgl_dist.modules import build_modules  # noqa: E402
+from trgl_dist.network.models import build_backbone  # noqa: E402
+from trgl_dist.network.modules import build_modules  # noqa: E402
+from trgl_dist.training.learner import ModuleLearner, build_optimizer, taus  # noqa: E402
 
 log = logging.getLogger("memory.rss_probe")
 

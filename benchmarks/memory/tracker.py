@@ -12,10 +12,10 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.distributed._tools.mem_tracker import MemTracker, _MemRefType
 
 from trgl_dist.config import Config
-from trgl_dist.learner import ModuleLearner, build_optimizer, taus
 from trgl_dist.method import local_loss
-from trgl_dist.models import InputSpec, build_backbone
-from trgl_dist.modules import LocalModule, build_modules
+from trgl_dist.network.models import InputSpec, build_backbone
+from trgl_dist.network.modules import LocalModule, build_modules
+from trgl_dist.training.learner import ModuleLearner, build_optimizer, taus
 
 MIB = 2**20
 #: Report keys for MemTracker's categories. TEMP is the backward pass's scratch (mostly the

@@ -14,9 +14,9 @@ import torch
 from benchenv import NetworkSetting
 from torch import Tensor
 
-import trgl_dist.learner
-from trgl_dist.learner import ModuleLearner, taus
-from trgl_dist.network import build_network
+import trgl_dist.training.learner
+from trgl_dist.network.build import build_network
+from trgl_dist.training.learner import ModuleLearner, taus
 
 METHODS = ("vanilla", "trgl")
 LossFn = Callable[..., Any]
@@ -100,7 +100,7 @@ def summarize(times: dict[str, list[list[float]]]) -> dict[str, Any]:
 def loss_impl(loss: LossFn | None) -> Iterator[None]:
     """Use ``loss`` as the learners' local loss inside the block (None: the package's).
 
-    ``ModuleLearner.train_step`` calls the ``local_loss`` name of ``trgl_dist.learner``.
+    ``ModuleLearner.train_step`` calls the ``local_loss`` name of ``trgl_dist.training.learner``.
     """
     original = trgl_dist.learner.local_loss
     if loss is not None:

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from trgl_dist.runlog import read_metrics
+from trgl_dist.metrics.runlog import read_metrics
 
 
 def _elapsed(record: dict[str, Any]) -> float:

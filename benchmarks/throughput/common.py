@@ -16,9 +16,9 @@ from torch import Tensor
 
 from trgl_dist.config import Config
 from trgl_dist.data import build_datasets, make_loader
-from trgl_dist.learner import ModuleLearner, taus
-from trgl_dist.modules import LocalModule
-from trgl_dist.network import build_network
+from trgl_dist.network.build import build_network
+from trgl_dist.network.modules import LocalModule
+from trgl_dist.training.learner import ModuleLearner, taus
 
 
 @dataclass(frozen=True)

@@ -23,9 +23,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import Setting, batches, build, setting_argument, write_json  # noqa: E402
 
-from trgl_dist.learner import build_optimizer  # noqa: E402
-from trgl_dist.modules import LocalModule  # noqa: E402
-from trgl_dist.stage import stage_modules  # noqa: E402
+from trgl_dist.network.modules import LocalModule  # noqa: E402
+from trgl_dist.training.learner import build_optimizer  # noqa: E402
+from trgl_dist.training.stage import stage_modules  # noqa: E402
 
 log = logging.getLogger("throughput.gpipe")
 SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}

@@ -23,9 +23,9 @@ from common import (  # noqa: E402
     write_json,
 )
 
-from trgl_dist.learner import build_optimizer  # noqa: E402
 from trgl_dist.method import local_loss  # noqa: E402
-from trgl_dist.stage import stage_modules  # noqa: E402
+from trgl_dist.training.learner import build_optimizer  # noqa: E402
+from trgl_dist.training.stage import stage_modules  # noqa: E402
 
 log = logging.getLogger("throughput.local")
 STAGE_WARMUP = 2

@@ -31,8 +31,8 @@ from tables import environment_info, markdown, splice_readme  # noqa: E402
 
 import launch  # noqa: E402
 from trgl_dist.data import build_datasets  # noqa: E402
-from trgl_dist.models import build_backbone  # noqa: E402
-from trgl_dist.split import balanced_partition, equal_depth, profile_times  # noqa: E402
+from trgl_dist.network.models import build_backbone  # noqa: E402
+from trgl_dist.network.split import balanced_partition, equal_depth, profile_times  # noqa: E402
 
 log = logging.getLogger("throughput")
 PRESETS: dict[str, dict[str, Any]] = {

@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from trgl_dist.config import Config, planned_epochs
 from trgl_dist.data import IndexedImages, make_loader, steps_per_epoch
-from trgl_dist.learner import ModuleLearner
+from trgl_dist.training.learner import ModuleLearner
 
 log = logging.getLogger(__name__)
 Record = Callable[[dict[str, Any]], None]

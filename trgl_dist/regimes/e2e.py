@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from trgl_dist.learner import ModuleLearner
 from trgl_dist.method import local_loss
 from trgl_dist.regimes.common import Context, run_epochs
+from trgl_dist.training.learner import ModuleLearner
 
 
 def train_e2e(ctx: Context) -> None:

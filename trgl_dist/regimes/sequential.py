@@ -11,8 +11,8 @@ from torch import Tensor
 
 from trgl_dist.config import module_epochs
 from trgl_dist.data import steps_per_epoch
-from trgl_dist.learner import ModuleLearner
 from trgl_dist.regimes.common import Context, batches, end_epoch, evaluate, log_train
+from trgl_dist.training.learner import ModuleLearner
 
 log = logging.getLogger(__name__)
 

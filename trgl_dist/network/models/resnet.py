@@ -1,6 +1,6 @@
 """ResNet backbones: CIFAR-style (ResNet-110, small), bottleneck (50/101/152), K-M ResNet.
 
-Each builder returns ``(stem, blocks)``; :func:`trgl_dist.models.build_backbone` wraps
+Each builder returns ``(stem, blocks)``; :func:`trgl_dist.network.models.build_backbone` wraps
 them in a ``Backbone``. No global pooling and no final classifier: the auxiliary head of
 the last module plays that role.
 """
@@ -12,10 +12,10 @@ from typing import TYPE_CHECKING
 
 from torch import nn
 
-from trgl_dist.models.blocks import BasicBlock, Block, Bottleneck, conv3x3
+from trgl_dist.network.models.blocks import BasicBlock, Block, Bottleneck, conv3x3
 
 if TYPE_CHECKING:
-    from trgl_dist.models import InputSpec
+    from trgl_dist.network.models import InputSpec
 
 CIFAR_DEFAULT_WIDTH = 16
 BOTTLENECK_DEFAULT_WIDTH = 64

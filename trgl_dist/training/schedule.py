@@ -6,10 +6,10 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from trgl_dist.buffer import BatchBuffer
 from trgl_dist.config import Config, planned_epochs
 from trgl_dist.data import IndexedImages, make_loader, steps_per_epoch
-from trgl_dist.wire import Batch, Kind
+from trgl_dist.runtime.buffer import BatchBuffer
+from trgl_dist.training.items import Batch, Kind
 
 
 def batch_stream(

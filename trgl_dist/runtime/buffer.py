@@ -7,7 +7,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 
-from trgl_dist.wire import Batch, Kind
+from trgl_dist.training.items import Batch, Kind
 
 POLICIES = ("fifo", "replay")
 

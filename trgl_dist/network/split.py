@@ -22,8 +22,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from trgl_dist.heads import build_head
-from trgl_dist.models import Backbone, Block, InputSpec
+from trgl_dist.network.heads import build_head
+from trgl_dist.network.models import Backbone, Block, InputSpec
 
 SPLIT_KINDS = ("equal-depth", "equal-params", "equal-memory", "equal-time")
 COST_KINDS = ("params", "memory", "time")

@@ -12,7 +12,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
-from trgl_dist.manifest import complete_steps
+from trgl_dist.checkpoints.manifest import complete_steps
 
 if TYPE_CHECKING:
     from trgl_dist.config import Config

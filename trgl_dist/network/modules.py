@@ -9,8 +9,8 @@ from typing import cast
 import torch
 from torch import Tensor, nn
 
-from trgl_dist.heads import build_head
-from trgl_dist.models import Backbone, Block, InputSpec
+from trgl_dist.network.heads import build_head
+from trgl_dist.network.models import Backbone, Block, InputSpec
 
 #: The dummy batch that infers each module's output shape (2: BatchNorm needs > 1 value).
 SHAPE_PROBE_BATCH = 2

@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 
 from trgl_dist.config import Config, ConfigError
-from trgl_dist.models import Backbone, InputSpec, build_backbone
-from trgl_dist.modules import LocalModule, build_modules
-from trgl_dist.split import split_blocks
+from trgl_dist.network.models import Backbone, InputSpec, build_backbone
+from trgl_dist.network.modules import LocalModule, build_modules
+from trgl_dist.network.split import split_blocks
 
 
 def build_network(config: Config, spec: InputSpec) -> tuple[list[LocalModule], list[int]]:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import enum
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 from torch.distributed import ProcessGroup
+
+from trgl_dist.training.items import Batch, Kind
 
 MAX_NDIM = 6
 # Guards against a desynchronized stream: a header that does not start with it is garbage.
@@ -34,37 +35,6 @@ _DTYPES_BY_CODE = {code: dtype for dtype, code in _DTYPE_CODES.items()}
 _Y_PRESENT, _IDS_PRESENT = 1, 2
 
 
-class Kind(enum.IntEnum):
-    """What a batch means to the receiving stage."""
-
-    TRAIN = 0
-    EVAL = 1
-    END = 2
-    ERROR = 3
-
-
-@dataclass
-class Batch:
-    """One activation batch with everything a downstream stage needs for its local loss."""
-
-    kind: Kind
-    step: int  # global train step of this batch (stage 0's counter)
-    epoch: int
-    x: Tensor | None  # activations, float dtype, ndim <= MAX_NDIM
-    y: Tensor | None  # labels, int64 (B,)
-    ids: Tensor | None  # sample ids, int64 (B,)
-    message: str = ""  # the cause for ERROR, optional for END
-
-    def nbytes(self) -> int:
-        """Bytes this batch occupies on the wire (header included)."""
-        total = HEADER_LEN * 8
-        if self.x is not None:
-            total += self.x.numel() * self.x.element_size()
-        if self.y is not None or self.ids is not None:
-            total += 2 * _num_labels(self) * 8
-        return total + len(self.message.encode("utf-8"))
-
-
 @dataclass(frozen=True)
 class Header:
     """The decoded fixed-size header: enough to allocate every payload that follows."""
@@ -77,6 +47,16 @@ class Header:
     num_labels: int  # -1: no label payload
     label_mask: int
     message_len: int
+
+
+def wire_bytes(batch: Batch) -> int:
+    """Bytes ``batch`` occupies on the wire (header included)."""
+    total = HEADER_LEN * 8
+    if batch.x is not None:
+        total += batch.x.numel() * batch.x.element_size()
+    if batch.y is not None or batch.ids is not None:
+        total += 2 * _num_labels(batch) * 8
+    return total + len(batch.message.encode("utf-8"))
 
 
 def _num_labels(batch: Batch) -> int:
@@ -158,7 +138,7 @@ def send_batch(batch: Batch, peer: int, group: ProcessGroup, device: torch.devic
     if message:
         payload = torch.frombuffer(bytearray(message), dtype=torch.uint8)
         dist.send(payload.to(device), dst=peer, group=group)
-    return batch.nbytes()
+    return wire_bytes(batch)
 
 
 def _recv(

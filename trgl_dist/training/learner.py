@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from trgl_dist.config import Config, default_lr
 from trgl_dist.method import Multiplier, local_loss, tau_schedule
-from trgl_dist.modules import LocalModule
+from trgl_dist.network.modules import LocalModule
 
 
 @dataclass

@@ -9,8 +9,9 @@ import time
 import torch
 from torch.distributed import ProcessGroup
 
-from trgl_dist.buffer import BatchBuffer, BufferClosed
-from trgl_dist.wire import Kind, recv_batch, send_batch
+from trgl_dist.runtime.buffer import BatchBuffer, BufferClosed
+from trgl_dist.runtime.wire import recv_batch, send_batch, wire_bytes
+from trgl_dist.training.items import Kind
 
 logger = logging.getLogger(__name__)
 
@@ -90,7 +91,7 @@ class Receiver(_LinkThread):
         while True:
             batch = recv_batch(self.peer, self.group, self.device)
             self.batches += 1
-            self.bytes_received += batch.nbytes()
+            self.bytes_received += wire_bytes(batch)
             if batch.kind == Kind.ERROR:
                 self.inbox.fail(PeerFailure(self.peer, batch.message or "sent an ERROR batch"))
                 return

@@ -14,10 +14,10 @@ from typing import TYPE_CHECKING, Any
 
 import zmq
 
-from trgl_dist.manifest import CheckpointError, write_manifest
-from trgl_dist.progress import ProgressLine
-from trgl_dist.report import format_console_report, write_report
-from trgl_dist.runlog import (
+from trgl_dist.checkpoints.manifest import CheckpointError, write_manifest
+from trgl_dist.metrics.progress import ProgressLine
+from trgl_dist.metrics.report import format_console_report, write_report
+from trgl_dist.metrics.runlog import (
     RunLog,
     diagnose_failure,
     failure_info,
@@ -27,9 +27,9 @@ from trgl_dist.runlog import (
 )
 
 if TYPE_CHECKING:
-    from trgl_dist.coordinator import CoordinatorSettings
+    from trgl_dist.metrics.coordinator import CoordinatorSettings
 
-logger = logging.getLogger("trgl_dist.coordinator")
+logger = logging.getLogger("trgl_dist.metrics.coordinator")
 
 
 class Collector:

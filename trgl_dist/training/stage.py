@@ -7,19 +7,29 @@ import resource
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
-from trgl_dist.buffer import BatchBuffer
-from trgl_dist.learner import ModuleLearner
-from trgl_dist.wire import Batch, Kind
+from trgl_dist.training.items import Batch, Kind
+from trgl_dist.training.learner import ModuleLearner
 
 log = logging.getLogger(__name__)
 Send = Callable[[dict[str, Any]], Any]
 Save = Callable[[int, int], None]  # (step, epoch): write this stage's checkpoint of that step
 STAGE_RECORD_SECONDS = 2.0
 FORWARDED_MEMORY = 1024  # far more than any buffer holds, so a replayed step is always known
+
+
+class Buffer(Protocol):
+    """What the stage needs of its inbox and outbox (runtime.buffer.Buffer is one)."""
+
+    @property
+    def depth(self) -> int: ...
+
+    def put(self, batch: Batch) -> float: ...
+
+    def stats(self) -> dict[str, Any]: ...
 
 
 def stage_modules(num_modules: int, world_size: int, stage: int) -> range:
@@ -68,12 +78,12 @@ class StageWorker:
         stage: int,
         learners: Sequence[ModuleLearner],
         source: Iterator[tuple[Batch, float]],
-        outbox: BatchBuffer | None,
+        outbox: Buffer | None,
         send: Send,
         *,
         log_every: int,
         device: torch.device,
-        inbox: BatchBuffer | None = None,
+        inbox: Buffer | None = None,
         links: Sequence[Any] = (),
         save: Save | None = None,
         checkpoint_every: int = 0,

@@ -18,23 +18,23 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from trgl_dist import checkpoint as ckpt
-from trgl_dist import topology as topo
-from trgl_dist.buffer import BatchBuffer
+from trgl_dist.checkpoints import files as ckpt
+from trgl_dist.checkpoints.manifest import CheckpointError
+from trgl_dist.checkpoints.snapshot import restore, run_meta, stage_state
 from trgl_dist.config import Config, ConfigError, write_toml
-from trgl_dist.coordinator import CoordinatorError, start_coordinator
 from trgl_dist.data import DataError, IndexedImages, build_datasets, steps_per_epoch
-from trgl_dist.feed import batch_stream, inbox_stream
-from trgl_dist.learner import ModuleLearner, build_learners
-from trgl_dist.link import PeerFailure, Receiver, Sender
-from trgl_dist.manifest import CheckpointError
-from trgl_dist.metrics_client import MetricsClient
-from trgl_dist.models import InputSpec
-from trgl_dist.network import build_network, resolve_split
-from trgl_dist.runlog import run_directory
-from trgl_dist.snapshot import restore, run_meta, stage_state
-from trgl_dist.stage import Save, Send, StageWorker, stage_modules
-from trgl_dist.wire import Batch
+from trgl_dist.metrics.client import MetricsClient
+from trgl_dist.metrics.coordinator import CoordinatorError, start_coordinator
+from trgl_dist.metrics.runlog import run_directory
+from trgl_dist.network.build import build_network, resolve_split
+from trgl_dist.network.models import InputSpec
+from trgl_dist.runtime import topology as topo
+from trgl_dist.runtime.buffer import BatchBuffer
+from trgl_dist.runtime.link import PeerFailure, Receiver, Sender
+from trgl_dist.training.items import Batch
+from trgl_dist.training.learner import ModuleLearner, build_learners
+from trgl_dist.training.schedule import batch_stream, inbox_stream
+from trgl_dist.training.stage import Save, Send, StageWorker, stage_modules
 
 log = logging.getLogger("trgl_dist")
 COORDINATOR_WAIT_S = 60.0

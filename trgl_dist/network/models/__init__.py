@@ -6,10 +6,15 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from trgl_dist.models.blocks import Block
-from trgl_dist.models.resnet import BOTTLENECK_DEPTHS, bottleneck_resnet, cifar_resnet, km_resnet
-from trgl_dist.models.swin import swin_tiny
-from trgl_dist.models.vgg import vgg19
+from trgl_dist.network.models.blocks import Block
+from trgl_dist.network.models.resnet import (
+    BOTTLENECK_DEPTHS,
+    bottleneck_resnet,
+    cifar_resnet,
+    km_resnet,
+)
+from trgl_dist.network.models.swin import swin_tiny
+from trgl_dist.network.models.vgg import vgg19
 
 __all__ = ["MODEL_NAMES", "Backbone", "Block", "InputSpec", "build_backbone"]
 

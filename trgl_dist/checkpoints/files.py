@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from trgl_dist.manifest import CheckpointError, stage_file
+from trgl_dist.checkpoints.manifest import CheckpointError, stage_file
 
 log = logging.getLogger(__name__)
 

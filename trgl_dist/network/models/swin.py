@@ -12,10 +12,10 @@ from typing import TYPE_CHECKING, Any
 
 from torch import Tensor, nn
 
-from trgl_dist.models.blocks import Block
+from trgl_dist.network.models.blocks import Block
 
 if TYPE_CHECKING:
-    from trgl_dist.models import InputSpec
+    from trgl_dist.network.models import InputSpec
 
 SWIN_TINY = "swin_tiny_patch4_window7_224"
 SWIN_DEFAULT_WIDTH = 96

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-logger = logging.getLogger("trgl_dist.coordinator")
+logger = logging.getLogger("trgl_dist.metrics.coordinator")
 
 
 class ProgressLine:

@@ -13,10 +13,10 @@ from typing import TYPE_CHECKING
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from trgl_dist.models.blocks import Block, conv3x3
+from trgl_dist.network.models.blocks import Block, conv3x3
 
 if TYPE_CHECKING:
-    from trgl_dist.models import InputSpec
+    from trgl_dist.network.models import InputSpec
 
 VGG_DEFAULT_WIDTH = 64
 #: Configuration E: (channels as a multiple of the first stage's, convs) per stage;

@@ -9,7 +9,7 @@ from typing import Any
 
 import zmq
 
-from trgl_dist.runlog import encode_record
+from trgl_dist.metrics.runlog import encode_record
 
 logger = logging.getLogger(__name__)
 

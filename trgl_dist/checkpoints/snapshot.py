@@ -7,10 +7,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from trgl_dist import checkpoint as ckpt
-from trgl_dist import manifest as layout
+from trgl_dist.checkpoints import files as ckpt
+from trgl_dist.checkpoints import manifest as layout
 from trgl_dist.config import Config
-from trgl_dist.learner import ModuleLearner
+from trgl_dist.training.learner import ModuleLearner
 
 log = logging.getLogger(__name__)
 Save = Callable[[int, dict[str, Any]], None]

@@ -15,9 +15,9 @@ from typing import Any
 
 import zmq
 
-from trgl_dist.collector import Collector
-from trgl_dist.metrics_client import DEFAULT_MAX_MESSAGE_BYTES
-from trgl_dist.runlog import (
+from trgl_dist.metrics.client import DEFAULT_MAX_MESSAGE_BYTES
+from trgl_dist.metrics.collector import Collector
+from trgl_dist.metrics.runlog import (
     RunLog,
 )
 

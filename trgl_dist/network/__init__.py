@@ -1,0 +1,1 @@
+"""The network: backbones cut into blocks, auxiliary heads, modules and the split."""

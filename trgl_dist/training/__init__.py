@@ -1,0 +1,1 @@
+"""What every regime trains: the module learner, the batch schedule and the stage loop."""
