@@ -8,8 +8,8 @@ import torch
 
 from trgl_dist.config import Config
 from trgl_dist.data import build_datasets
-from trgl_dist.network.build import build_network
 from trgl_dist.regimes import Context
+from trgl_dist.training.build import build_network
 from trgl_dist.training.learner import build_learners
 
 

@@ -55,6 +55,7 @@ def test_manifest_is_written_last_and_old_checkpoints_are_pruned(tmp_path):
         manifest.check_compatible({"step": 15, "modules": 3}, {"modules": 4})
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("regime", ["parallel", "e2e", "multilap"])
 def test_resume_continues_exactly_as_an_uninterrupted_run(tmp_path, regime):
     args = [*SMALL, "--regime", regime, "--checkpoint-every", "3", "--synthetic-train", "96"]
@@ -72,6 +73,7 @@ def _cli(*args, timeout=300):
                           text=True, timeout=timeout)
 
 
+@pytest.mark.slow
 def test_corrupted_or_mismatched_checkpoints_are_refused_in_one_line(tmp_path):
     run = tmp_path / "r"
     assert main([*SMALL, "--max-steps", "2", "--out", str(run)]) == 0
@@ -94,6 +96,7 @@ def test_corrupted_or_mismatched_checkpoints_are_refused_in_one_line(tmp_path):
     assert nothing.returncode == 2 and "no config.toml" in nothing.stderr
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_naming_module_and_step_and_keeps_the_last_good_checkpoint(tmp_path):
     run = tmp_path / "r"
     result = _cli(*SMALL, "--lr", "1e12", "--epochs", "20", "--checkpoint-every", "1",
@@ -115,6 +118,7 @@ def _wait_for_manifest(run_dir, deadline_s=120):
     return False
 
 
+@pytest.mark.slow
 def test_sigkilled_single_process_run_resumes_to_the_end(tmp_path):
     run = tmp_path / "r"
     args = [*SMALL, "--regime", "parallel", "--max-steps", "40", "--checkpoint-every", "5",
@@ -133,6 +137,7 @@ def test_sigkilled_single_process_run_resumes_to_the_end(tmp_path):
     assert manifest.latest(run)[0] == 40
 
 
+@pytest.mark.slow
 def test_sigkilled_pipeline_resumes_and_matches_an_uninterrupted_run(tmp_path):
     args = [*SMALL, "--max-steps", "36", "--checkpoint-every", "4", "--synthetic-train", "2048"]
     straight = torchrun(2, [*args, "--out", str(tmp_path / "straight")])

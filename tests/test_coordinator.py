@@ -17,38 +17,55 @@ import pytest
 import zmq
 import zmq.utils.monitor
 
-from trgl_dist.metrics.client import MetricsClient
+from trgl_dist.errors import CoordinatorError
+from trgl_dist.metrics.client import MetricsClient, signature
+from trgl_dist.metrics.collector import CoordinatorSettings, RunShape
 from trgl_dist.metrics.coordinator import (
-    CoordinatorError,
-    CoordinatorSettings,
+    CoordinatorJob,
     _connect_address,
     start_coordinator,
     stop_coordinator,
 )
-from trgl_dist.metrics.runlog import read_metrics
+from trgl_dist.metrics.records import ErrorRecord, TrainRecord, read_records, to_dict
 
 REPO = Path(__file__).resolve().parents[1]
 DEADLINE_S = 120.0  # a hang guard only: every wait below ends much sooner when things work
 FAST = CoordinatorSettings(grace_s=0.5, progress_interval_s=0.1, tensorboard=False)
+SECRET = bytes(range(32))
 
-# A stage stand-in: pushes the JSON records given on the command line, then closes.
+# A rank stand-in: pushes the JSON records given on the command line, then closes.
 SENDER = """
 import json, sys
-from trgl_dist.metrics.client import MetricsClient
-client = MetricsClient(sys.argv[1])
-for rec in json.loads(sys.argv[2]):
-    assert client.send(rec)
+from trgl_dist.metrics.client import MetricsClient, signature
+from trgl_dist.metrics.records import decode
+client = MetricsClient(sys.argv[1], rank=int(sys.argv[2]), secret=bytes.fromhex(sys.argv[3]))
+for rec in json.loads(sys.argv[4]):
+    assert client.send(decode(rec))
 client.close()
+"""
+
+# Signs and pushes one JSON object as it is, valid record or not.
+SENDER_RAW = """
+import sys, zmq
+from trgl_dist.metrics.client import signature
+rank, secret, payload = sys.argv[2].encode(), bytes.fromhex(sys.argv[3]), sys.argv[4].encode()
+context = zmq.Context()
+sock = context.socket(zmq.PUSH)
+sock.connect(sys.argv[1])
+sock.send_multipart([rank, signature(secret, rank, payload), payload])
+sock.close(linger=5000)
+context.term()
 """
 
 # Starts a coordinator, says where it is, then waits to be killed.
 PARENT = """
 import json, sys, time
 from pathlib import Path
-from trgl_dist.metrics.coordinator import CoordinatorSettings, start_coordinator
+from trgl_dist.metrics.collector import CoordinatorSettings, RunShape
+from trgl_dist.metrics.coordinator import CoordinatorJob, start_coordinator
 settings = CoordinatorSettings(grace_s=0.5, tensorboard=False)
-process, address = start_coordinator(Path(sys.argv[1]), world_size=2, num_modules=2,
-                                     regime="pipeline", settings=settings)
+job = CoordinatorJob(Path(sys.argv[1]), RunShape(2, 2, "pipeline"), b"s" * 32)
+process, address = start_coordinator(job, settings)
 Path(sys.argv[2]).write_text(json.dumps({"pid": process.pid, "address": address}))
 time.sleep(600)
 """
@@ -59,8 +76,12 @@ def python(script: str, *args: str, **popen: Any) -> subprocess.Popen[bytes]:
     return subprocess.Popen([sys.executable, "-c", script, *args], cwd=REPO, env=env, **popen)
 
 
-def send_from_child(address: str, records: list[dict[str, Any]]) -> None:
-    child = python(SENDER, address, json.dumps(records))
+def send_from_child(
+    address: str, records: list[dict[str, Any]], rank: int | None = None, secret: bytes = SECRET
+) -> None:
+    """Send ``records`` as rank ``rank`` (default: the first record's stage)."""
+    rank = records[0]["stage"] if rank is None else rank
+    child = python(SENDER, address, str(rank), secret.hex(), json.dumps(records))
     try:
         assert child.wait(DEADLINE_S) == 0
     finally:
@@ -69,6 +90,7 @@ def send_from_child(address: str, records: list[dict[str, Any]]) -> None:
 
 def train(stage: int, module: int, step: int) -> dict[str, Any]:
     return {
+        "v": 1,
         "kind": "train",
         "step": step,
         "epoch": 0,
@@ -86,10 +108,12 @@ def train(stage: int, module: int, step: int) -> dict[str, Any]:
 
 def end(stage: int) -> dict[str, Any]:
     return {
+        "v": 1,
         "kind": "end",
         "step": 3,
         "epoch": 0,
         "stage": stage,
+        "rank": stage,
         "modules": [2 * stage, 2 * stage + 1],
         "busy_s": 3.0,
         "wait_in_s": 1.0,
@@ -101,11 +125,17 @@ def end(stage: int) -> dict[str, Any]:
         "peak_rss_mb": 200.0,
         "peak_tensor_mb": 5.0,
         "staleness_mean": None,
+        "cuda_peak_mb": None,
+        "batches_sent": 0,
+        "seconds_sending": 0.0,
+        "batches_received": 0,
+        "bytes_received": 0,
+        "seconds_waiting_on_put": 0.0,
     }
 
 
 def error(stage: int, cause: str, peer: int | None, message: str) -> dict[str, Any]:
-    where = {"kind": "error", "step": -1, "epoch": -1, "stage": stage, "rank": stage}
+    where = {"v": 1, "kind": "error", "step": -1, "epoch": -1, "stage": stage, "rank": stage}
     return {**where, "message": message, "cause": cause, "peer": peer}
 
 
@@ -114,7 +144,7 @@ def stage_records(stage: int) -> list[dict[str, Any]]:
         train(stage, module, step) for step in range(4) for module in (2 * stage, 2 * stage + 1)
     ]
     for module in (2 * stage, 2 * stage + 1):
-        where = {"kind": "eval", "step": 3, "epoch": 0, "module": module}
+        where = {"v": 1, "kind": "eval", "step": 3, "epoch": 0, "module": module, "stage": stage}
         records.append({**where, "accuracy": 0.5 + 0.1 * module, "loss": 1.0, "samples": 10})
     return [*records, end(stage)]
 
@@ -128,11 +158,15 @@ def coordinators() -> Iterator[list[Any]]:
         stop_coordinator(process, timeout_s=0)
 
 
-def start(run_dir: Path, started: list[Any], world_size: int, **kwargs: Any) -> str:
-    kwargs.setdefault("settings", FAST)
-    process, address = start_coordinator(
-        run_dir, world_size=world_size, num_modules=2 * world_size, regime="pipeline", **kwargs
-    )
+def start(
+    run_dir: Path,
+    started: list[Any],
+    world_size: int,
+    settings: CoordinatorSettings = FAST,
+    **job: Any,
+) -> str:
+    shape = RunShape(world_size, 2 * world_size, "pipeline")
+    process, address = start_coordinator(CoordinatorJob(run_dir, shape, SECRET, **job), settings)
     started.append(process)
     return address
 
@@ -155,7 +189,7 @@ def test_two_stages_that_end_give_a_complete_run_directory(
     for stage in (0, 1):
         send_from_child(address, stage_records(stage))
     assert exit_code(coordinators) == 0
-    records = read_metrics(tmp_path / "metrics.jsonl")
+    records = [to_dict(r) for r in read_records(tmp_path / "metrics.jsonl")]
     assert sorted(json.dumps(r, sort_keys=True) for r in records) == sorted(
         json.dumps(r, sort_keys=True) for r in stage_records(0) + stage_records(1)
     )
@@ -163,7 +197,7 @@ def test_two_stages_that_end_give_a_complete_run_directory(
     assert [s["stage"] for s in summary["stages"]] == [0, 1]
     assert summary["stages"][1]["busy"] == 0.75 and summary["failure"] is None
     assert summary["best_module"] == 3 and summary["seed"] == 3
-    assert summary["coordinator"] == {"received": len(records), "malformed": 0}
+    assert summary["coordinator"] == {"received": len(records), "malformed": 0, "rejected": {}}
     assert (tmp_path / "report.md").exists() and list((tmp_path / "tb").glob("events.*"))
     assert "Results (pipeline, 4 modules)" in capfd.readouterr().out
 
@@ -192,20 +226,56 @@ def test_malformed_and_oversized_messages_are_counted_not_fatal(
         sender.connect(address)
         for raw in (b"not json", b"[1, 2]", b'{"no": "kind"}', b"\xff\xfe", b"[" * 100_000):
             sender.send(raw)
-        sender.send(json.dumps(train(0, 0, 0)).encode())
-        sender.send(json.dumps(end(0)).encode())  # same connection: arrives after the junk
+        for record in (train(0, 0, 0), end(0)):  # same connection: they arrive after the junk
+            payload = json.dumps(record).encode()
+            sender.send_multipart([b"0", signature(SECRET, b"0", payload), payload])
         assert exit_code(coordinators) == 0
     finally:
         context.destroy(linger=0)
-    assert summary_of(tmp_path)["coordinator"] == {"received": 2, "malformed": 5}
-    assert [r["kind"] for r in read_metrics(tmp_path / "metrics.jsonl")] == ["train", "end"]
+    stats = summary_of(tmp_path)["coordinator"]
+    assert (stats["received"], stats["malformed"]) == (2, 5)
+    assert [r.kind for r in read_records(tmp_path / "metrics.jsonl")] == ["train", "end"]
+
+
+def test_only_the_runs_ranks_speak_and_only_for_themselves(
+    tmp_path: Path, coordinators: list[Any]
+) -> None:
+    address = start(tmp_path, coordinators, world_size=2)
+    forged = [
+        (train(0, 0, 0), 0, b"x" * 32),  # not signed with the run's secret
+        (error(0, "exception", None, "forged"), 1, SECRET),  # rank 1 speaking for rank 0
+        (end(0), 1, SECRET),  # an end record for another rank
+        (train(1, 9, 0), 1, SECRET),  # a module the run does not have (4 modules)
+        (train(0, 0, 0), 5, SECRET),  # a rank outside the run
+        ({"v": 1, "kind": "epoch", "step": 1, "epoch": 0, "stage": 1, "seconds": 1.0}, 1, SECRET),
+        ({"v": 1, "kind": "epoch", "epoch": 7}, 0, SECRET),  # fields missing
+    ]
+    for record, rank, secret in forged:
+        child = python(SENDER_RAW, address, str(rank), secret.hex(), json.dumps(record))
+        assert child.wait(DEADLINE_S) == 0
+    send_from_child(address, stage_records(0))
+    send_from_child(address, stage_records(1))
+    assert exit_code(coordinators) == 0
+    summary = summary_of(tmp_path)
+    assert summary["failure"] is None and summary["coordinator"]["malformed"] == len(forged)
+    records = read_records(tmp_path / "metrics.jsonl")
+    assert len(records) == len(stage_records(0)) + len(stage_records(1))
+    assert all(getattr(r, "stage", 0) in (0, 1) and r.kind != "error" for r in records)
+
+
+def a_train_record(step: int) -> TrainRecord:
+    fields = {k: v for k, v in train(0, 0, step).items() if k not in ("v", "kind", "lambda")}
+    return TrainRecord(**fields, lambda_=None)
 
 
 def test_client_refuses_an_oversized_record_without_sending_it() -> None:
-    client = MetricsClient("tcp://127.0.0.1:9", linger_ms=0, max_message_bytes=1000)
+    client = MetricsClient(
+        "tcp://127.0.0.1:9", rank=0, secret=SECRET, linger_ms=0, max_message_bytes=1000
+    )
+    big = ErrorRecord(step=1, epoch=0, stage=0, rank=0, message="x" * 1000)
     try:
-        assert not client.send({"kind": "train", "blob": "x" * 1000})
-        assert client.send({"kind": "train", "step": 1})
+        assert not client.send(big)
+        assert client.send(a_train_record(1))
         assert (client.oversized, client.sent, client.dropped) == (1, 1, 0)
     finally:
         client.close()
@@ -278,7 +348,7 @@ def test_sigterm_flushes_and_exits(tmp_path: Path, coordinators: list[Any]) -> N
     coordinators[-1].terminate()  # one SIGTERM: gather for the grace period, then fail
     assert exit_code(coordinators) == 1
     assert summary_of(tmp_path)["failure"]["cause"] == "interrupted"
-    assert [r["kind"] for r in read_metrics(tmp_path / "metrics.jsonl")] == ["train"]
+    assert [r.kind for r in read_records(tmp_path / "metrics.jsonl")] == ["train"]
 
 
 def free_port() -> int:
@@ -291,9 +361,12 @@ def free_port() -> int:
 
 
 def test_send_never_blocks_when_nobody_listens() -> None:
-    client = MetricsClient(f"tcp://127.0.0.1:{free_port()}", hwm=1000, linger_ms=0)
+    client = MetricsClient(
+        f"tcp://127.0.0.1:{free_port()}", rank=0, secret=SECRET, hwm=1000, linger_ms=0
+    )
+    record = a_train_record(1)
     try:
-        accepted = [client.send({"kind": "train", "step": i}) for i in range(100_000)]
+        accepted = [client.send(record) for i in range(100_000)]
     finally:
         client.close()
     assert client.sent == sum(accepted) and client.sent + client.dropped == 100_000

@@ -17,10 +17,10 @@ from trgl_dist.config import load_toml
 from trgl_dist.evaluate import main as evaluate_main
 from trgl_dist.export import choose_module
 from trgl_dist.export import main as export_main
-from trgl_dist.metrics.runlog import read_metrics
-from trgl_dist.network.build import build_network
+from trgl_dist.metrics.records import EvalRecord, read_records
 from trgl_dist.network.models import InputSpec
 from trgl_dist.network.modules import CutModel
+from trgl_dist.training.build import build_network
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = ["--dataset", "synthetic", "--model", "resnet-small", "--width", "8", "--modules", "3",
@@ -104,9 +104,9 @@ def _expected_module(run: Path, choice: str) -> int:
 
 
 def _run_accuracy(run: Path, k: int) -> float:
-    evals = [r for r in read_metrics(run / "metrics.jsonl")
-             if r["kind"] == "eval" and r["module"] == k - 1]
-    return evals[-1]["accuracy"]
+    evals = [r for r in read_records(run / "metrics.jsonl")
+             if isinstance(r, EvalRecord) and r.module == k - 1]
+    return evals[-1].accuracy
 
 
 @pytest.mark.parametrize("choice, fmt", [

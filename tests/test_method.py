@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from trgl_dist.method import (
     Multiplier,
+    literal_local_loss,
     local_loss,
     tau_schedule,
     transport_cost,
@@ -121,7 +122,7 @@ def test_transport_gradient_reaches_the_residue():
 
 
 def _literal_loss(logits, y, residues, method, tau, multiplier, norm):
-    """DESIGN.md's objective written out, with W in the autograd graph."""
+    """The objective written out from its definition, with W in the autograd graph."""
     ce = F.cross_entropy(logits, y, label_smoothing=0.1)
     w = transport_cost(residues, norm)
     return {"vanilla": ce, "trgl": ce + w / (2 * tau), "multipliers": multiplier * ce + w}[method]
@@ -141,14 +142,17 @@ def test_local_loss_gradients_equal_the_literal_objective(method, norm):
     out = reference(x)
     want = _literal_loss(out.logits, y, out.residues, method, 0.3, 1.7, norm)
     want.backward()
-    out = candidate(x)
-    got = local_loss(
-        out.logits, y, out.residues, method=method, tau=0.3, multiplier=1.7, transport_norm=norm
-    )
-    got.total.backward()
-    torch.testing.assert_close(got.total, want.detach())
-    for a, b in zip(candidate.parameters(), reference.parameters(), strict=True):
-        torch.testing.assert_close(a.grad, b.grad)
+    for loss_fn in (local_loss, literal_local_loss):
+        candidate.zero_grad(set_to_none=True)
+        out = candidate(x)
+        got = loss_fn(
+            out.logits, y, out.residues, method=method, tau=0.3, multiplier=1.7,
+            transport_norm=norm,
+        )
+        got.total.backward()
+        torch.testing.assert_close(got.total, want.detach())
+        for a, b in zip(candidate.parameters(), reference.parameters(), strict=True):
+            torch.testing.assert_close(a.grad, b.grad)
 
 
 def test_transport_weight_per_method():

@@ -1,27 +1,39 @@
 """The pipeline on real Gloo processes: equivalence with `parallel`, buffers, eval, end of run."""
 
 import math
+import time
 
 import pytest
 import torch
 
 from tests.distributed import run_workers
 from tests.helpers import make_context, small_config
+from trgl_dist.metrics.records import EndRecord, EpochRecord, EvalRecord, TrainRecord
 from trgl_dist.regimes import RUNNERS
 from trgl_dist.runtime.pipeline import build_stage, run_stage
 from trgl_dist.training.stage import stage_modules
 
 
-def _stage_worker(topology, config):
-    """One rank: build, run, return this stage's parameters and the records it sent."""
+def _stage_worker(topology, config, slow_first_stage_s=0.0):
+    """One rank: build, run, return this stage's parameters, the records it sent and its
+    inbox statistics. ``slow_first_stage_s`` makes stage 0 sleep before every step."""
     records: list = []
     stage = build_stage(config, topology)
-    run_stage(config, topology, stage, records.append)
+    if topology.is_first and slow_first_stage_s:
+        step = stage.learners[0].train_step
+
+        def slow(x, y):
+            time.sleep(slow_first_stage_s)
+            return step(x, y)
+
+        stage.learners[0].train_step = slow
+    worker = run_stage(config, topology, stage, records.append)
     params = {
         learner.index: [p.detach().clone() for p in learner.module.parameters()]
         for learner in stage.learners
     }
-    return params, records
+    inbox = worker.inbox.stats() if worker.inbox is not None else None
+    return params, records, inbox
 
 
 def _parallel_reference(config):
@@ -56,8 +68,8 @@ def test_fifo_pipeline_equals_lock_step_parallel(world_size, modules):
         for a, b in zip(got[k], reference[k], strict=True):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     steps = math.ceil(64 / 12) * 2
-    trains = [rec for r in results for rec in r.value[1] if rec["kind"] == "train"]
-    assert max(rec["step"] for rec in trains if rec["module"] == modules - 1) == steps
+    trains = [rec for r in results for rec in r.value[1] if isinstance(rec, TrainRecord)]
+    assert max(rec.step for rec in trains if rec.module == modules - 1) == steps
 
 
 def test_eval_results_and_end_records_reach_the_sink():
@@ -65,27 +77,31 @@ def test_eval_results_and_end_records_reach_the_sink():
     results = run_workers(_stage_worker, 2, config, deadline_s=120)
     assert [r.exitcode for r in results] == [0, 0], [r.error for r in results]
     records = [rec for r in results for rec in r.value[1]]
-    evals = sorted(
-        (rec["epoch"], rec["module"], rec["samples"]) for rec in records if rec["kind"] == "eval"
-    )
+    evals = sorted((rec.epoch, rec.module, rec.samples) for rec in records
+                   if isinstance(rec, EvalRecord))
     assert evals == [(e, k, 32) for e in (0, 1) for k in (0, 1)]
-    ends = [rec for rec in records if rec["kind"] == "end"]
-    assert sorted(rec["stage"] for rec in ends) == [0, 1]
-    assert all(rec["samples"] == 2 * 64 for rec in ends)
-    assert [rec["epoch"] for rec in records if rec["kind"] == "epoch"] == [0, 1]
+    ends = [rec for rec in records if isinstance(rec, EndRecord)]
+    assert sorted(rec.stage for rec in ends) == [0, 1]
+    assert all(rec.samples == 2 * 64 for rec in ends)
+    assert [rec.epoch for rec in records if isinstance(rec, EpochRecord)] == [0, 1]
 
 
-def test_replay_policy_trains_downstream_more_without_exceeding_max_reuse():
+def test_replay_retrains_while_upstream_is_slow_but_never_past_max_reuse():
+    # Stage 0 sleeps 0.3 s a step, so stage 1 has time to spare: replay must fill it with
+    # batches it already holds, each used at most max_reuse times.
     config = small_config(
         model={"modules": 2},
         train={"epochs": 1},
         pipeline={"buffer_policy": "replay", "max_reuse": 3, "buffer_size": 4},
     )
-    results = run_workers(_stage_worker, 2, config, deadline_s=120)
+    results = run_workers(_stage_worker, 2, config, 0.3, deadline_s=120)
     assert [r.exitcode for r in results] == [0, 0], [r.error for r in results]
-    end = next(rec for rec in results[1].value[1] if rec["kind"] == "end")
-    # 64 samples in 4 batches: downstream trains each at least once and at most 3 times
-    assert 64 <= end["samples"] <= 3 * 64
+    (end,) = [rec for rec in results[1].value[1] if isinstance(rec, EndRecord)]
+    histogram = results[1].value[2]["reuse_histogram"]
+    uses = sum(count * times for times, count in histogram.items())
+    assert sum(histogram.values()) == 4  # every one of the 4 batches, retired once
+    assert max(histogram) <= 3 and uses > 4  # replayed, never past max_reuse
+    assert end.samples == 16 * uses
 
 
 def test_stage_modules_split_and_too_many_ranks():
@@ -93,3 +109,19 @@ def test_stage_modules_split_and_too_many_ranks():
     assert list(stage_modules(16, 4, 3)) == [12, 13, 14, 15]
     with pytest.raises(ValueError, match="more ranks"):
         stage_modules(2, 4, 0)
+
+
+def test_eval_every_zero_scores_only_after_the_last_epoch_and_stays_exact():
+    config = small_config(
+        model={"modules": 3}, data={"batch_size": 12}, train={"epochs": 3, "eval_every": 0}
+    )
+    results = run_workers(_stage_worker, 2, config, deadline_s=120)
+    assert [r.exitcode for r in results] == [0, 0], [r.error for r in results]
+    evals = {(rec.epoch, rec.module) for r in results for rec in r.value[1]
+             if isinstance(rec, EvalRecord)}
+    assert evals == {(2, k) for k in range(3)}
+    reference = _parallel_reference(config.replace("train", regime="parallel"))
+    got = {k: v for r in results for k, v in r.value[0].items()}
+    for k in range(3):
+        for a, b in zip(got[k], reference[k], strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

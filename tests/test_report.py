@@ -3,62 +3,49 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
+from tests.records import end, epoch, evaluation, train
+from trgl_dist.metrics.failure import Failure
+from trgl_dist.metrics.records import Record
 from trgl_dist.metrics.report import format_console_report, write_report
-from trgl_dist.metrics.runlog import summarize
+from trgl_dist.metrics.summary import summarize
 
 NUM_MODULES = 4
 
 
-def train_records(epochs: int, with_transport: bool = True) -> list[dict[str, Any]]:
-    records = []
-    for epoch in range(epochs):
-        for step in range(epoch * 5, epoch * 5 + 5):
+def train_records(epochs: int) -> list[Record]:
+    records: list[Record] = []
+    for e in range(epochs):
+        for step in range(e * 5, e * 5 + 5):
             for module in range(NUM_MODULES):
-                records.append(
-                    {
-                        "kind": "train",
-                        "step": step,
-                        "epoch": epoch,
-                        "module": module,
-                        "stage": module // 2,
-                        "loss": 2.0 - 0.1 * step + 0.01 * module,
-                        "ce": 1.9 - 0.1 * step,
-                        "transport": 0.5 / (step + 1) if with_transport else None,
-                        "tau": 0.5 if module < 2 else 1.0,
-                        "lambda": None,
-                        "accuracy": 0.1 + 0.05 * step,
-                        "samples": 32,
-                    }
-                )
+                values = {
+                    "loss": 2.0 - 0.1 * step + 0.01 * module,
+                    "ce": 1.9 - 0.1 * step,
+                    "transport": 0.5 / (step + 1),
+                    "tau": 0.5 if module < 2 else 1.0,
+                    "accuracy": 0.1 + 0.05 * step,
+                }
+                records.append(train(module, e, step, 32, stage=module // 2, **values))
         for module in range(NUM_MODULES):
-            accuracy = 0.3 + 0.1 * epoch + 0.05 * module
-            step = epoch * 5 + 4
-            where = {"kind": "eval", "step": step, "epoch": epoch, "module": module}
-            records.append({**where, "accuracy": accuracy, "loss": 1.0, "samples": 100})
-        records.append({"kind": "epoch", "step": epoch * 5 + 4, "epoch": epoch, "seconds": 3.0})
+            accuracy = 0.3 + 0.1 * e + 0.05 * module
+            records.append(evaluation(module, e, accuracy, step=e * 5 + 4))
+        records.append(epoch(e, e * 5 + 4, 3.0))
     return records
 
 
-def end_record(stage: int) -> dict[str, Any]:
-    return {
-        "kind": "end",
-        "step": 9,
-        "epoch": 1,
-        "stage": stage,
-        "modules": [2 * stage, 2 * stage + 1],
-        "busy_s": 8.0,
-        "wait_in_s": 1.0 * stage,
-        "wait_out_s": 1.0 - stage,
-        "samples": 320,
-        "samples_per_s": 32.0,
-        "inbox_depth": 1,
-        "bytes_sent": 3 * 2**20,
-        "peak_rss_mb": 300.0,
-        "peak_tensor_mb": 20.0,
-        "staleness_mean": None,
-    }
+def end_record(stage: int) -> Record:
+    return end(
+        stage,
+        busy=8.0,
+        wait_in=1.0 * stage,
+        wait_out=1.0 - stage,
+        rate=32.0,
+        samples=320,
+        inbox_depth=1,
+        bytes_sent=3 * 2**20,
+        peak_rss_mb=300.0,
+        peak_tensor_mb=20.0,
+    )
 
 
 def assert_pngs(run_dir: Path, names: set[str]) -> None:
@@ -90,17 +77,17 @@ def test_pipeline_report_has_every_plot_and_both_tables(tmp_path: Path) -> None:
     assert "- best module: **4** (65.00%)" in text
     assert "| 4 | 1 | 65.00% | 65.00% |" in text
     # Stage 1: busy 8 s, waiting for input 1 s, for output 0 s -> 88.89% / 11.11% / 0.00%.
-    assert "| 1 | 3-4 | 88.89% | 11.11% | 0.00% | 32.0 | 300.0 | 20.0 | 3.0 | - |" in text
+    assert "| 1 | 3-4 | 88.89% | 11.11% | 0.00% | 32.0 | 300.0 | 20.0 | - | 3.0 | - |" in text
     for png in ("test_accuracy", "train_loss", "stage_time", "stage_memory"):
         assert f"(plots/{png}.png)" in text
 
 
-def test_single_process_report_skips_stage_plots(tmp_path: Path) -> None:
-    records = train_records(epochs=1, with_transport=False)
-    summary = summarize(records, regime="parallel", num_modules=NUM_MODULES)
+def test_a_report_without_stages_skips_the_stage_plots(tmp_path: Path) -> None:
+    records = train_records(epochs=1)
+    summary = summarize(records, regime="sequential", num_modules=NUM_MODULES)
     write_report(tmp_path, records, summary)
-    # One epoch: final accuracies as bars; no transport values, no stages: those are skipped.
-    assert_pngs(tmp_path, {"test_accuracy.png", "train_loss.png"})
+    # One epoch: final accuracies as bars; no stage records: the stage plots are skipped.
+    assert_pngs(tmp_path, {"test_accuracy.png", "train_loss.png", "train_transport.png"})
     text = (tmp_path / "report.md").read_text()
     assert "## Per module" in text and "## Per stage" not in text
 
@@ -114,8 +101,8 @@ def test_report_with_no_records_at_all(tmp_path: Path) -> None:
 
 def test_report_states_the_failure(tmp_path: Path) -> None:
     records = train_records(epochs=1)
-    failure = {"stage": 2, "rank": 2, "cause": "died", "description": "stage 2 (rank 2) died"}
-    summary = summarize(records, regime="pipeline", num_modules=4, extra={"failure": failure})
+    failure = Failure(2, 2, "died", "stage 2 (rank 2) died")
+    summary = summarize(records, regime="pipeline", num_modules=4, failure=failure)
     write_report(tmp_path, records, summary)
     assert "> **Run failed:** stage 2 (rank 2) died" in (tmp_path / "report.md").read_text()
     assert format_console_report(summary).splitlines()[-1] == "FAILED: stage 2 (rank 2) died"

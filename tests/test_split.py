@@ -9,7 +9,6 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from trgl_dist.config import SPLITS
 from trgl_dist.network.models import Backbone, InputSpec, build_backbone
 from trgl_dist.network.split import (
     COST_KINDS,
@@ -24,6 +23,7 @@ from trgl_dist.network.split import (
     saved_activation_bytes,
     split_blocks,
 )
+from trgl_dist.network.split import SPLIT_KINDS as SPLITS
 
 CIFAR = InputSpec(3, 32, 10)
 

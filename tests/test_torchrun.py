@@ -6,7 +6,7 @@ import json
 import signal
 
 from tests.launcher import rank_process, torchrun
-from trgl_dist.metrics.runlog import read_metrics
+from trgl_dist.metrics.records import EvalRecord, TrainRecord, read_records
 
 SMALL = ["--dataset", "synthetic", "--model", "resnet-small", "--width", "8", "--batch-size", "16",
          "--log-every", "2"]
@@ -24,9 +24,9 @@ def test_two_stage_pipeline_writes_summary_and_metrics_of_both_stages(tmp_path):
         assert abs(stage["busy"] + stage["wait"] - 1.0) < 1e-6 and stage["peak_rss_mb"] > 0
     assert len(summary["modules"]) == 3
     assert all(0 <= m["test_accuracy"] <= 1 for m in summary["modules"])
-    records = read_metrics(out / "metrics.jsonl")
-    assert {r["stage"] for r in records if r["kind"] == "train"} == {0, 1}
-    assert {(r["epoch"], r["module"]) for r in records if r["kind"] == "eval"} == {
+    records = read_records(out / "metrics.jsonl")
+    assert {r.stage for r in records if isinstance(r, TrainRecord)} == {0, 1}
+    assert {(r.epoch, r.module) for r in records if isinstance(r, EvalRecord)} == {
         (e, k) for e in (0, 1) for k in range(3)
     }
     assert "Results (pipeline, 3 modules)" in launch.output
@@ -38,7 +38,7 @@ def _stage_trained(out):
     def ready():
         path = out / "metrics.jsonl"
         return path.exists() and any(
-            r["kind"] == "train" and r.get("stage") == 2 for r in read_metrics(path)
+            isinstance(r, TrainRecord) and r.stage == 2 for r in read_records(path)
         )
 
     return ready

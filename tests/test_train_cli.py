@@ -8,10 +8,11 @@ import sys
 
 import pytest
 
-from trgl_dist.metrics.runlog import read_metrics
+from trgl_dist.metrics.records import read_records
 from trgl_dist.train import main
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("regime", ["e2e", "parallel", "sequential", "multilap"])
 def test_each_regime_runs_resnet110_and_writes_the_run_directory(tmp_path, regime):
     out = tmp_path / regime
@@ -22,7 +23,7 @@ def test_each_regime_runs_resnet110_and_writes_the_run_directory(tmp_path, regim
     assert {"config.toml", "metrics.jsonl", "summary.json"} <= {p.name for p in out.iterdir()}
     summary = json.loads((out / "summary.json").read_text())
     assert summary["regime"] == regime and summary["blocks_per_module"] == [14, 14, 13, 13]
-    kinds = {r["kind"] for r in read_metrics(out / "metrics.jsonl")}
+    kinds = {r.kind for r in read_records(out / "metrics.jsonl")}
     assert {"train", "eval", "epoch"} <= kinds
 
 
@@ -31,6 +32,7 @@ def _cli(*args):
                           text=True, timeout=120)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "args, message",
     [

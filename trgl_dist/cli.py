@@ -1,4 +1,4 @@
-"""Command-line flags: one flag per config field, generated from the dataclasses."""
+"""Command-line flags: one flag per config field, its help text taken from the field."""
 
 from __future__ import annotations
 
@@ -9,58 +9,49 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from trgl_dist import config as cfg
-
-# The flags of DESIGN.md section 4 come first in --help; the others follow per section.
-HELP = {
-    "model": "architecture: resnet-small, resnet110, resnet50/101/152, vgg19, km-resnet, swin-tiny",
-    "modules": "number of modules K",
-    "split": "how blocks are divided into modules: " + ", ".join(cfg.SPLITS),
-    "split-counts": "explicit block counts per module, e.g. 14,14,13,13",
-    "method": "local objective: vanilla (VanGL), trgl, multipliers",
-    "tau": "TRGL tau (transport weight is 1/(2 tau))",
-    "tau-schedule": "midpoint-double (tau/2 then tau), constant, list (--tau-values)",
-    "transport-norm": "mean (authors' code) or sum (per-sample squared norm)",
-    "regime": "e2e, parallel, sequential, multilap (one process) or pipeline (torchrun)",
-    "dataset": ", ".join(cfg.DATASETS),
-    "data-dir": "dataset root (default: ~/.cache/trgl_dist/data)",
-    "train-size": "seeded class-balanced subset of the training set (0: all)",
-    "val-size": "hold out N training samples and score on them instead of the test set",
-    "epochs": "epochs (0: one, or as many as --max-steps takes; per module for sequential)",
-    "max-steps": "stop after N optimizer steps per module (0: no limit)",
-    "lr": "learning rate (0: the paper's default for the regime; 0.05 for resnet-small)",
-    "buffer-size": "pipeline inbox/outbox capacity in batches",
-    "buffer-policy": "fifo (exact, backpressure) or replay (DGL asynchronous buffer)",
-    "out": "run directory (default: runs/<regime>-<time>)",
-    "checkpoint-every": "also checkpoint every N steps (0: only at each epoch end)",
-    "keep-checkpoints": "keep the last N complete checkpoints (0: all)",
-}
+from trgl_dist.errors import ConfigError
+from trgl_dist.rundir import CONFIG_FILE
+from trgl_dist.sections import help_of
 
 
-class _Parser(argparse.ArgumentParser):
+class OneLineParser(argparse.ArgumentParser):
+    """An argument parser whose errors are ConfigErrors: one line and exit code 2, not usage."""
+
     def error(self, message: str) -> NoReturn:
-        raise cfg.ConfigError(message)
+        raise ConfigError(message)
+
+
+def command_parser(command: str, description: str) -> OneLineParser:
+    """The parser of ``python -m trgl_dist.COMMAND``, its description shown as written."""
+    return OneLineParser(
+        prog=f"python -m trgl_dist.{command}",
+        description=description,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+    parser = OneLineParser(
         prog="python -m trgl_dist.train",
         description="Module-wise training with transport regularization (TRGL).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         argument_default=argparse.SUPPRESS,
     )
-    parser.add_argument("--config", type=Path, help="TOML file with the same keys as the flags")
     parser.add_argument(
-        "--resume", type=Path, help="continue RUN_DIR from its last complete checkpoint"
+        "--config", type=Path, help="TOML file with the flags' keys, one table per section."
+    )
+    parser.add_argument(
+        "--resume", type=Path, help="Continue RUN_DIR from its last complete checkpoint."
     )
     for section, kind in cfg.SECTION_TYPES.items():
         group = parser.add_argument_group(section)
         for f in dataclasses.fields(kind):
-            name = cfg.flag_name(section, f.name)
+            default = f.default
+            shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
             group.add_argument(
-                f"--{name}",
+                f"--{cfg.flag_name(section, f.name)}",
                 dest=f"{section}.{f.name}",
                 metavar=f.name.upper(),
-                help=HELP.get(name, f"{section}.{f.name}"),
+                help=f"{help_of(f)} (default: {shown!r})".replace("%", "%%"),
             )
     return parser
 
@@ -78,9 +69,9 @@ def parse(argv: Sequence[str] | None = None) -> tuple[cfg.Config, argparse.Names
         flags.setdefault(section, {})[key] = value
     base = cfg.Config()
     if extras.resume is not None:
-        saved = Path(extras.resume) / "config.toml"
+        saved = Path(extras.resume) / CONFIG_FILE
         if not saved.is_file():
-            raise cfg.ConfigError(
+            raise ConfigError(
                 f"--resume {extras.resume}: no config.toml there (not a run directory)"
             )
         base = cfg.load_toml(saved)

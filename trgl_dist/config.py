@@ -1,4 +1,9 @@
-"""Run configuration: frozen dataclasses per component, defaults < TOML file < flags."""
+"""Run configuration: frozen dataclasses per component, defaults < TOML file < flags.
+
+Every field carries its help text (one sentence, with its unit): the command line shows it,
+so a flag's description cannot drift from the field it sets. Choice lists come from the
+components that own them.
+"""
 
 from __future__ import annotations
 
@@ -11,93 +16,116 @@ from typing import Any
 import tomli_w
 import tomllib
 
+from trgl_dist.data import DataConfig
+from trgl_dist.errors import ConfigError
 from trgl_dist.method import METHODS, TAU_SCHEDULES, TRANSPORT_NORMS
+from trgl_dist.network.heads import HEAD_NAMES
+from trgl_dist.network.models import MODEL_NAMES
+from trgl_dist.network.split import SPLIT_KINDS
+from trgl_dist.runtime.buffer import POLICIES
+from trgl_dist.sections import setting
 
 REGIMES = ("e2e", "parallel", "sequential", "multilap", "pipeline")
-DATASETS = ("fashion-mnist", "mnist", "cifar10", "cifar100", "stl10", "imagefolder", "synthetic")
-BUFFER_POLICIES = ("fifo", "replay")
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("auto", "constant", "step", "cosine")
-SPLITS = ("equal-depth", "equal-params", "equal-memory", "equal-time")
-HEADS = ("1cnn", "linear", "mlp")
 
 # The config schema version: a resumed run whose config.toml has another one is refused.
 SCHEMA_VERSION = 1
 
 
-class ConfigError(ValueError):
-    """A bad key or value; its message names the key and is shown to the user as one line."""
-
-
 @dataclass(frozen=True)
 class ModelConfig:
-    name: str = "resnet-small"
-    modules: int = 4
-    split: str = "equal-depth"
-    split_counts: tuple[int, ...] = ()
-    head: str = "1cnn"
-    width: int = 0
-    blocks_per_module: int = 2
+    name: str = setting("resnet-small", f"Architecture: {', '.join(MODEL_NAMES)}.")
+    modules: int = setting(4, "Number of modules K the network is cut into.")
+    split: str = setting(
+        "equal-depth", f"How blocks are divided into modules: {', '.join(SPLIT_KINDS)}."
+    )
+    split_counts: tuple[int, ...] = setting(
+        (), "Explicit blocks per module, e.g. 14,14,13,13 (overrides --split)."
+    )
+    head: str = setting("1cnn", f"Auxiliary classifier of every module: {', '.join(HEAD_NAMES)}.")
+    width: int = setting(0, "Channels of the first stage (0: the model's default).")
+    blocks_per_module: int = setting(2, "Blocks per module of km-resnet (M of K-M ResNet).")
 
 
 @dataclass(frozen=True)
 class MethodConfig:
-    name: str = "trgl"
-    tau: float = 1.0
-    tau_schedule: str = "midpoint-double"
-    tau_values: tuple[float, ...] = ()
-    transport_norm: str = "mean"
-    label_smoothing: float = 0.1
-    multiplier_h: float = 0.1
-    multiplier_every: int = 50
-    multiplier_init: float = 1.0
-
-
-@dataclass(frozen=True)
-class DataConfig:
-    dataset: str = "fashion-mnist"
-    data_dir: str = ""
-    train_size: int = 0
-    val_size: int = 0  # >0: score on this many held-out training samples, not the test set
-    batch_size: int = 128
-    augment: bool = True
-    image_size: int = 0  # imagefolder only: 0 = 224
-    workers: int = 0
-    synthetic_train: int = 512
-    synthetic_test: int = 256
+    name: str = setting("trgl", "Local objective: vanilla (VanGL), trgl, or multipliers.")
+    tau: float = setting(1.0, "TRGL's tau: the transport term is weighted 1/(2 tau); finite, > 0.")
+    tau_schedule: str = setting(
+        "midpoint-double",
+        "Per-module tau: midpoint-double (tau/2, then tau from the midpoint), constant, "
+        "or list (--tau-values).",
+    )
+    tau_values: tuple[float, ...] = setting(
+        (), "Explicit tau per module, with --tau-schedule list."
+    )
+    transport_norm: str = setting(
+        "mean", "W per block: mean of r**2 (authors' code) or sum (per-sample squared norm)."
+    )
+    label_smoothing: float = setting(0.1, "Label smoothing of the cross-entropy, in [0, 1).")
+    multiplier_h: float = setting(0.1, "Multipliers: lambda grows by h * CE at each update.")
+    multiplier_every: int = setting(50, "Multipliers: update lambda every this many steps.")
+    multiplier_init: float = setting(1.0, "Multipliers: initial lambda of every module.")
 
 
 @dataclass(frozen=True)
 class OptimConfig:
-    optimizer: str = "sgd"
-    lr: float = 0.0  # 0: the paper's default for the regime
-    momentum: float = 0.9
-    weight_decay: float = 2e-4
-    schedule: str = "auto"
+    optimizer: str = setting("sgd", f"Optimizer: {', '.join(OPTIMIZERS)}.")
+    lr: float = setting(
+        0.0, "Learning rate (0: the paper's default for the regime; 0.05 for resnet-small)."
+    )
+    momentum: float = setting(0.9, "SGD momentum, in [0, 1).")
+    weight_decay: float = setting(2e-4, "Weight decay (L2 penalty), >= 0.")
+    schedule: str = setting(
+        "auto",
+        "Learning-rate schedule per epoch: auto (e2e: /5 at epochs 120/160/200; AdamW: "
+        "cosine; else constant), constant, step, cosine.",
+    )
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    regime: str = "parallel"
-    epochs: int = 0  # 0: one epoch, or with max_steps as many as those steps take
-    max_steps: int = 0
-    seed: int = 0
-    module_epochs_base: int = 0  # sequential/multilap: N_k = base + slope * k (0: --epochs)
-    module_epochs_slope: int = 0
-    laps: int = 2
-    cache_frozen: bool = False
-    log_every: int = 20
-    checkpoint_every: int = 0  # steps; 0: only at each epoch end
-    keep_checkpoints: int = 3  # 0: keep all
-    out: str = ""
+    regime: str = setting(
+        "parallel",
+        "e2e, parallel, sequential, multilap (one process) or pipeline (under torchrun).",
+    )
+    epochs: int = setting(
+        0, "Epochs (0: one, or as many as --max-steps takes); per module for sequential."
+    )
+    max_steps: int = setting(0, "Stop after this many optimizer steps per module (0: no limit).")
+    seed: int = setting(0, "Seed of the weights, the data order and the augmentation.")
+    module_epochs_base: int = setting(
+        0, "Sequential/multilap: module k trains base + slope * k epochs (0: --epochs)."
+    )
+    module_epochs_slope: int = setting(0, "Sequential/multilap: extra epochs per module index.")
+    laps: int = setting(2, "Multilap: laps over the modules, sharing the same epoch budget.")
+    cache_frozen: bool = setting(
+        False, "Sequential: keep the frozen modules' outputs in memory instead of recomputing."
+    )
+    eval_every: int = setting(
+        1, "Score the modules every this many epochs (0: only after the last epoch)."
+    )
+    log_every: int = setting(20, "Steps between two train records of a module.")
+    checkpoint_every: int = setting(
+        0, "Also checkpoint every this many steps (0: only at each epoch's end)."
+    )
+    keep_checkpoints: int = setting(3, "Keep the newest this many complete checkpoints (0: all).")
+    out: str = setting("", "Run directory (default: runs/<regime>-<time>).")
 
 
 @dataclass(frozen=True)
 class PipelineConfig:
-    buffer_size: int = 2
-    buffer_policy: str = "fifo"
-    max_reuse: int = 4
-    coordinator: str = "tcp://127.0.0.1:0"
+    buffer_size: int = setting(2, "Capacity of each stage's inbox and outbox, in batches.")
+    buffer_policy: str = setting(
+        "fifo", "fifo (each batch once, exact, backpressure) or replay (DGL's reuse buffer)."
+    )
+    max_reuse: int = setting(4, "Replay: the most times one batch is trained on by a stage.")
+    coordinator: str = setting(
+        "tcp://127.0.0.1:0",
+        "Address the metrics coordinator binds (port 0: a free one); tcp://0.0.0.0:PORT "
+        "for other nodes.",
+    )
 
 
 @dataclass(frozen=True)
@@ -230,8 +258,8 @@ def validate(config: Config) -> Config:
         config.train,
         config.pipeline,
     )
-    _check_choice("model.split", m.split, SPLITS)
-    _check_choice("model.head", m.head, HEADS)
+    _check_choice("model.split", m.split, SPLIT_KINDS)
+    _check_choice("model.head", m.head, HEAD_NAMES)
     _check_positive("model.modules", m.modules)
     _check_positive("model.width", m.width, allow_zero=True)
     _check_positive("model.blocks_per_module", m.blocks_per_module)
@@ -246,11 +274,7 @@ def validate(config: Config) -> Config:
     if not 0 <= me.label_smoothing < 1:
         raise ConfigError(f"method.label_smoothing must be in [0, 1), got {me.label_smoothing}")
     _check_positive("method.multiplier_every", me.multiplier_every)
-    _check_choice("data.dataset", d.dataset, DATASETS)
-    _check_positive("data.batch_size", d.batch_size)
-    _check_positive("data.train_size", d.train_size, allow_zero=True)
-    _check_positive("data.val_size", d.val_size, allow_zero=True)
-    _check_positive("data.workers", d.workers, allow_zero=True)
+    d.validate()
     _check_choice("optim.optimizer", o.optimizer, OPTIMIZERS)
     _check_choice("optim.schedule", o.schedule, SCHEDULES)
     _check_positive("optim.lr", o.lr, allow_zero=True)
@@ -260,12 +284,13 @@ def validate(config: Config) -> Config:
     _check_positive("train.max_steps", t.max_steps, allow_zero=True)
     _check_positive("train.laps", t.laps)
     _check_positive("train.log_every", t.log_every)
+    _check_positive("train.eval_every", t.eval_every, allow_zero=True)
     _check_positive("train.checkpoint_every", t.checkpoint_every, allow_zero=True)
     _check_positive("train.keep_checkpoints", t.keep_checkpoints, allow_zero=True)
     _check_positive("train.module_epochs_base", t.module_epochs_base, allow_zero=True)
     _check_positive("train.module_epochs_slope", t.module_epochs_slope, allow_zero=True)
     _check_positive("pipeline.buffer_size", p.buffer_size)
-    _check_choice("pipeline.buffer_policy", p.buffer_policy, BUFFER_POLICIES)
+    _check_choice("pipeline.buffer_policy", p.buffer_policy, POLICIES)
     _check_positive("pipeline.max_reuse", p.max_reuse)
     if m.split_counts and len(m.split_counts) != m.modules:
         raise ConfigError(
@@ -281,6 +306,13 @@ def planned_epochs(train: TrainConfig, steps_per_epoch: int) -> int:
     if train.max_steps:
         return -(-train.max_steps // steps_per_epoch)
     return 1
+
+
+def scores_after(train: TrainConfig, epoch: int, last_epoch: int) -> bool:
+    """Whether the test pass follows ``epoch`` (0-based): every --eval-every epochs, and
+    always after the last one."""
+    every = train.eval_every
+    return epoch >= last_epoch or (every > 0 and (epoch + 1) % every == 0)
 
 
 def module_epochs(train: TrainConfig, num_modules: int, steps_per_epoch: int = 1) -> list[int]:

@@ -4,18 +4,21 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision import datasets
 from torchvision.datasets.utils import extract_archive
 from torchvision.transforms import v2
 
-from trgl_dist.config import DataConfig
+from trgl_dist.errors import ConfigError, DataError
 from trgl_dist.network.models import InputSpec
+from trgl_dist.sections import setting
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +49,39 @@ SPECS = {
 }
 
 
-class DataError(RuntimeError):
-    """The dataset cannot be had; the message says how to get it."""
+DATASETS = ("fashion-mnist", "mnist", "cifar10", "cifar100", "stl10", "imagefolder", "synthetic")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: str = setting("fashion-mnist", f"Dataset: {', '.join(DATASETS)}.")
+    data_dir: str = setting("", "Dataset root (default: ~/.cache/trgl_dist/data).")
+    train_size: int = setting(
+        0, "Train on a seeded, class-balanced subset of this many samples (0: all)."
+    )
+    val_size: int = setting(
+        0, "Hold out this many training samples and score on them instead of the test set."
+    )
+    eval_size: int = setting(
+        0, "Score a seeded, class-balanced subset of this many test (or validation) samples "
+        "(0: all)."
+    )
+    batch_size: int = setting(128, "Training batch size, in samples (the test pass uses twice).")
+    augment: bool = setting(True, "Random crop and flip of the training images.")
+    image_size: int = setting(0, "Imagefolder only: image side in pixels (0: 224).")
+    workers: int = setting(0, "Data-loader worker processes (0: load in the training process).")
+    synthetic_train: int = setting(512, "Synthetic dataset: training samples.")
+    synthetic_test: int = setting(256, "Synthetic dataset: test samples.")
+
+    def validate(self) -> None:
+        """Reject impossible values with one message naming the key."""
+        if self.dataset not in DATASETS:
+            raise ConfigError(f"data.dataset: {self.dataset!r} is not one of {', '.join(DATASETS)}")
+        for key in ("train_size", "val_size", "eval_size", "workers"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"data.{key} must be >= 0, got {getattr(self, key)}")
+        if self.batch_size <= 0:
+            raise ConfigError(f"data.batch_size must be > 0, got {self.batch_size}")
 
 
 class IndexedImages(Dataset):
@@ -159,22 +193,36 @@ def _load_torchvision(name: str, root: Path, train: bool) -> tuple[Tensor, Tenso
     return images.contiguous(), torch.as_tensor(ds.targets).long()
 
 
+#: Seed of the synthetic class patterns: training and test samples share them.
+SYNTHETIC_PATTERNS_SEED = 97
+
+
 def synthetic(n: int, spec: InputSpec, seed: int) -> tuple[Tensor, Tensor]:
-    """Learnable random data: a fixed pattern per class plus noise, as uint8 images."""
+    """Learnable random data: a smooth pattern per class plus noise, as uint8 images.
+
+    The patterns are the same for every ``seed``: samples drawn with two seeds (the training
+    and the test split) come from one class-conditional distribution, so a model that
+    learned the training split scores well on the test split.
+    """
+    patterns_rng = torch.Generator().manual_seed(SYNTHETIC_PATTERNS_SEED)
+    coarse = torch.rand(spec.num_classes, spec.channels, 4, 4, generator=patterns_rng)
+    coarse = (coarse + coarse.flip(-1)) / 2  # mirror-symmetric: a flipped sample is the same
+    # Smooth: a crop shifted by a few pixels still shows its class's pattern.
+    patterns = F.interpolate(coarse, size=(spec.size, spec.size), mode="bilinear")
     g = torch.Generator().manual_seed(seed)
-    patterns = torch.rand(spec.num_classes, spec.channels, spec.size, spec.size, generator=g)
     labels = torch.randint(spec.num_classes, (n,), generator=g)
     noise = torch.rand(n, spec.channels, spec.size, spec.size, generator=g)
     images = (0.6 * patterns[labels] + 0.4 * noise) * 255
     return images.to(torch.uint8), labels
 
 
-def balanced_subset(targets: Tensor, size: int, seed: int) -> Tensor:
-    """A fixed, seeded, class-balanced choice of ``size`` indices; earlier classes take the rest."""
+def balanced_subset(
+    targets: Tensor, size: int, seed: int, flag: str = "--train-size", of: str = "training set"
+) -> Tensor:
+    """A fixed, seeded, class-balanced choice of ``size`` indices; earlier classes take the rest.
+    ``flag`` and ``of`` name the request and the set in the error when it cannot be met."""
     if size > len(targets):
-        raise DataError(
-            f"--train-size {size} is larger than the training set ({len(targets)} samples)"
-        )
+        raise DataError(f"{flag} {size} is larger than the {of} ({len(targets)} samples)")
     classes = torch.unique(targets)
     g = torch.Generator().manual_seed(seed)
     per_class, extra = divmod(size, len(classes))
@@ -183,7 +231,7 @@ def balanced_subset(targets: Tensor, size: int, seed: int) -> Tensor:
         members = torch.nonzero(targets == c).flatten()
         take = per_class + (1 if i < extra else 0)
         if take > len(members):
-            raise DataError(f"--train-size {size}: class {c} has only {len(members)} samples")
+            raise DataError(f"{flag} {size}: class {c} has only {len(members)} samples")
         chosen.append(members[torch.randperm(len(members), generator=g)[:take]])
     return torch.cat(chosen).sort().values
 
@@ -196,13 +244,22 @@ def split_training_set(targets: Tensor, config: DataConfig, seed: int
     pool = torch.arange(len(targets))
     held_out = None
     if config.val_size:
-        held_out = balanced_subset(targets, config.val_size, seed + 1)
+        held_out = balanced_subset(targets, config.val_size, seed + 1, "--val-size")
         mask = torch.ones(len(targets), dtype=torch.bool)
         mask[held_out] = False
         pool = pool[mask]
     if config.train_size:
         pool = pool[balanced_subset(targets[pool], config.train_size, seed)]
     return pool, held_out
+
+
+def scored_subset(targets: Tensor, config: DataConfig, seed: int) -> Tensor | None:
+    """With --eval-size, the seeded, class-balanced part of the test (or validation) set that
+    is scored; None scores all of it."""
+    if not config.eval_size:
+        return None
+    of = "validation split" if config.val_size else "test set"
+    return balanced_subset(targets, config.eval_size, seed + 2, "--eval-size", of)
 
 
 def build_datasets(config: DataConfig, seed: int) -> tuple[IndexedImages, IndexedImages, InputSpec]:
@@ -223,6 +280,9 @@ def build_datasets(config: DataConfig, seed: int) -> tuple[IndexedImages, Indexe
     keep, held_out = split_training_set(train_y, config, seed)
     if held_out is not None:
         test_x, test_y = train_x[held_out], train_y[held_out]
+    scored = scored_subset(test_y, config, seed)
+    if scored is not None:
+        test_x, test_y = test_x[scored], test_y[scored]
     train_x, train_y = train_x[keep], train_y[keep]
     train = IndexedImages(
         train_x, train_y, _transforms(stats_name, spec.size, True, config.augment), seed
@@ -279,6 +339,9 @@ def _image_folders(
     test_y = torch.tensor(test_folder.targets)
     if held_out is not None:
         test_images, test_y = Subset(images, held_out.tolist()), train_y[held_out]
+    scored = scored_subset(test_y, config, seed)
+    if scored is not None:
+        test_images, test_y = Subset(test_images, scored.tolist()), test_y[scored]
     test = IndexedImages(test_images, test_y, GlobalSeeded(test_tf), seed)
     return train, test, spec
 

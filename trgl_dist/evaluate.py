@@ -12,13 +12,14 @@ import warnings
 import zipfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import torch
 from torch import nn
 
-from trgl_dist.config import DATASETS, ConfigError, DataConfig
-from trgl_dist.data import SPECS, DataError, IndexedImages, build_datasets, make_loader
+from trgl_dist.cli import command_parser
+from trgl_dist.data import DATASETS, SPECS, DataConfig, IndexedImages, build_datasets, make_loader
+from trgl_dist.errors import ConfigError, DataError, first_line
 from trgl_dist.network.models import InputSpec
 
 log = logging.getLogger("trgl_dist.evaluate")
@@ -31,17 +32,8 @@ loaded with plain torch (torch.export.load, or torch.jit.load for TorchScript); 
 normalized by the data pipeline exactly as in training (the model does not normalize)."""
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        raise ConfigError(message)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
-        prog="python -m trgl_dist.evaluate",
-        description=DESCRIPTION,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = command_parser("evaluate", DESCRIPTION)
     parser.add_argument("file", type=Path, metavar="FILE", help="an exported model file")
     parser.add_argument("--dataset", required=True, choices=DATASETS, help="dataset to score on")
     parser.add_argument("--data-dir", default="", help="dataset root (default: as in training)")
@@ -89,8 +81,9 @@ def open_model(path: Path) -> tuple[nn.Module, dict[str, Any]]:
     except DataError:
         raise
     except Exception as err:  # noqa: BLE001 - corrupted, truncated or foreign: one line
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise DataError(f"{path}: cannot be loaded as an exported model ({first})") from None
+        raise DataError(
+            f"{path}: cannot be loaded as an exported model ({first_line(err)})"
+        ) from None
 
 
 def load_test_set(
@@ -150,8 +143,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     try:
         result = score(model, test, args.batch_size)
     except RuntimeError as err:  # a foreign model without metadata that does not fit
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise DataError(f"the model cannot run on {args.dataset}: {first}") from None
+        raise DataError(f"the model cannot run on {args.dataset}: {first_line(err)}") from None
     return {"file": str(args.file), "dataset": args.dataset, **_described(meta), **result}
 
 

@@ -10,19 +10,22 @@ import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import torch
 from torch import nn
 
 from trgl_dist.checkpoints import files as ckpt
 from trgl_dist.checkpoints import manifest as layout
-from trgl_dist.config import Config, ConfigError, load_toml
+from trgl_dist.cli import command_parser
+from trgl_dist.config import Config, load_toml
 from trgl_dist.data import STATS
+from trgl_dist.errors import CheckpointError, ConfigError, first_line
 from trgl_dist.evaluate import META_NAME, load_model
-from trgl_dist.metrics.runlog import SUMMARY_FILE
-from trgl_dist.network.models import InputSpec, build_backbone
-from trgl_dist.network.modules import CutModel, LocalModule, build_modules
+from trgl_dist.network.models import InputSpec
+from trgl_dist.network.modules import CutModel, LocalModule
+from trgl_dist.rundir import CONFIG_FILE, SUMMARY_FILE
+from trgl_dist.training.build import modules_for
 
 log = logging.getLogger("trgl_dist.export")
 
@@ -49,17 +52,8 @@ class ExportError(RuntimeError):
     """torch could not export the model, or the written file does not compute what it should."""
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        raise ConfigError(message)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
-        prog="python -m trgl_dist.export",
-        description=DESCRIPTION,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = command_parser("export", DESCRIPTION)
     parser.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a run directory")
     parser.add_argument(
         "--module",
@@ -83,14 +77,14 @@ def build_parser() -> argparse.ArgumentParser:
 def find_checkpoint(run_dir: Path, step: int | None) -> tuple[int, dict[str, Any]]:
     """(step, manifest) of the requested or newest complete checkpoint."""
     if not run_dir.is_dir():
-        raise layout.CheckpointError(f"{run_dir}: no such run directory")
+        raise CheckpointError(f"{run_dir}: no such run directory")
     if step is None:
         found = layout.latest(run_dir)
         if found is None:
-            raise layout.CheckpointError(f"{run_dir}: no complete checkpoint")
+            raise CheckpointError(f"{run_dir}: no complete checkpoint")
         return found
     if step not in layout.complete_steps(run_dir):
-        raise layout.CheckpointError(f"{run_dir}: no complete checkpoint at step {step}")
+        raise CheckpointError(f"{run_dir}: no complete checkpoint at step {step}")
     return step, layout.read_manifest(run_dir, step)
 
 
@@ -100,9 +94,9 @@ def check_manifest(manifest: dict[str, Any], config: Config) -> None:
     layout.check_compatible(manifest, expected)
     for key in ("blocks_per_module", "input", "num_classes", "stages"):
         if key not in manifest:
-            raise layout.CheckpointError(f"checkpoint manifest has no {key!r}")
+            raise CheckpointError(f"checkpoint manifest has no {key!r}")
     if len(manifest["blocks_per_module"]) != config.model.modules:
-        raise layout.CheckpointError(
+        raise CheckpointError(
             f"checkpoint has {len(manifest['blocks_per_module'])} block counts "
             f"for {config.model.modules} modules"
         )
@@ -144,18 +138,10 @@ def build_cut(
     channels, size, _ = manifest["input"]
     spec = InputSpec(int(channels), int(size), int(manifest["num_classes"]))
     counts = [int(c) for c in manifest["blocks_per_module"]]
-    m = config.model
     try:
-        backbone = build_backbone(
-            m.name,
-            spec,
-            num_modules=m.modules,
-            width=m.width,
-            blocks_per_module=m.blocks_per_module,
-        )
-        modules = build_modules(backbone, counts, spec, head=m.head)
-    except ValueError as err:
-        raise layout.CheckpointError(f"cannot rebuild the run's model: {err}") from None
+        modules = modules_for(config.model, spec, counts)
+    except ConfigError as err:
+        raise CheckpointError(f"cannot rebuild the run's model: {err}") from None
     load_weights(run_dir, step, int(manifest["stages"]), modules[:k])
     return CutModel(modules[:k]).eval(), spec
 
@@ -170,18 +156,16 @@ def load_weights(run_dir: Path, step: int, stages: int, modules: Sequence[LocalM
         if not wanted:
             return
     missing = ", ".join(str(int(key) + 1) for key in wanted)
-    raise layout.CheckpointError(f"checkpoint step {step} has no module {missing}")
+    raise CheckpointError(f"checkpoint step {step} has no module {missing}")
 
 
 def _load_module(module: nn.Module, learner_state: Any, step: int, index: int) -> None:
     try:
         module.load_state_dict(learner_state["module"])
     except (RuntimeError, KeyError, TypeError, ValueError) as err:
-        # load_state_dict's first line is a header ("Error(s) in loading ..."): show the cause
-        lines = [line.strip() for line in str(err).strip().splitlines()] or [type(err).__name__]
-        first = lines[1] if len(lines) > 1 and lines[0].startswith("Error(s)") else lines[0]
-        raise layout.CheckpointError(
-            f"checkpoint step {step}, module {index + 1}: does not fit the run's model ({first})"
+        raise CheckpointError(
+            f"checkpoint step {step}, module {index + 1}: does not fit the run's model "
+            f"({first_line(err)})"
         ) from None
 
 
@@ -192,7 +176,7 @@ def to_program(model: nn.Module, example: torch.Tensor, fmt: str) -> tuple[Any, 
             batch = torch.export.Dim("batch", min=1)
             return torch.export.export(model, (example,), dynamic_shapes=({0: batch},)), "export"
         except Exception as err:  # noqa: BLE001 - any export failure: fall back, say why
-            reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            reason = first_line(err)
             if fmt == "export":
                 raise ExportError(
                     f"torch.export failed: {reason} (try --format torchscript)"
@@ -255,7 +239,7 @@ def export(args: argparse.Namespace) -> dict[str, Any]:
     """Do the whole export; returns the metadata written."""
     check_output(args.output)
     step, manifest = find_checkpoint(args.run_dir, args.step)
-    config = load_toml(args.run_dir / "config.toml")
+    config = load_toml(args.run_dir / CONFIG_FILE)
     check_manifest(manifest, config)
     k = choose_module(args.module, args.run_dir, int(manifest["modules"]))
     model, spec = build_cut(args.run_dir, step, manifest, config, k)
@@ -285,7 +269,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         meta = export(args)
-    except (ConfigError, layout.CheckpointError, ExportError) as err:
+    except (ConfigError, CheckpointError, ExportError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1 if isinstance(err, ExportError) else 2
     loader = LOADERS[meta["format"]]

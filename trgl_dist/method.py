@@ -6,6 +6,7 @@ nothing else, so there is exactly one implementation of TRGL.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -72,11 +73,14 @@ class Multiplier:
     value: float
     iteration: int = field(default=0)
 
-    def update(self, ce: float) -> None:
-        """Count one iteration; on every ``every``-th, move lambda by ``h * ce``."""
+    def update(self, ce: float | Tensor) -> None:
+        """Count one iteration; on every ``every``-th, move lambda by ``h * ce``.
+
+        ``ce`` may be a device tensor: it is read only on the iterations that use it.
+        """
         self.iteration += 1
         if self.iteration % self.every == 0:
-            self.value += self.h * ce
+            self.value += self.h * float(ce)
 
     def state_dict(self) -> dict[str, float | int]:
         return {"h": self.h, "every": self.every, "value": self.value, "iteration": self.iteration}
@@ -154,6 +158,7 @@ def local_loss(
     multiplier: float = 1.0,
     transport_norm: str = "mean",
     label_smoothing: float = 0.1,
+    literal: bool = False,
 ) -> LocalLoss:
     """The local objective of one module; ``total.backward()`` (once) gives its gradients.
 
@@ -163,12 +168,21 @@ def local_loss(
     ``total`` has this value, but only its CE part is in the autograd graph: the gradient
     of the transport term reaches the residues through ``add_transport_gradient``. The
     transport cost is always computed (it is logged for VanGL too).
+
+    ``literal=True`` (``literal_local_loss``) puts ``W`` in the graph instead: same value
+    and gradients, at a cost. Autograd runs the newest nodes first, so that backward starts
+    with every block's transport term, each block's ``2 r / n`` kept until the backward
+    reaches the block. The benchmarks run it beside the hooks to show what they save.
     """
     ce = F.cross_entropy(logits, targets, label_smoothing=label_smoothing)
-    with torch.no_grad():
-        transport = transport_cost(residues, transport_norm).to(ce.device)
     weight = transport_weight(method, tau)
-    if weight:
+    with torch.set_grad_enabled(literal and torch.is_grad_enabled()):
+        transport = transport_cost(residues, transport_norm).to(ce.device)
+    if weight and not literal:
         add_transport_gradient(residues, weight, transport_norm)
     total = objective(ce, transport, method=method, weight=weight, multiplier=multiplier)
-    return LocalLoss(total=total, ce=ce.detach(), transport=transport)
+    return LocalLoss(total=total, ce=ce.detach(), transport=transport.detach())
+
+
+#: The objective with ``W`` in the autograd graph: ``ModuleLearner(loss_fn=literal_local_loss)``.
+literal_local_loss = functools.partial(local_loss, literal=True)

@@ -12,7 +12,8 @@ from typing import Any
 
 import torch
 
-from trgl_dist.checkpoints.manifest import CheckpointError, stage_file
+from trgl_dist.checkpoints.manifest import stage_file
+from trgl_dist.errors import CheckpointError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -34,9 +35,8 @@ def load_stage(run_dir: Path, step: int, stage: int) -> dict[str, Any]:
     except FileNotFoundError:
         raise CheckpointError(f"{path}: missing") from None
     except Exception as err:  # noqa: BLE001 - truncated, corrupted or foreign: one line
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise CheckpointError(
-            f"{path}: cannot be loaded (corrupted or truncated?): {first}"
+            f"{path}: cannot be loaded (corrupted or truncated?): {first_line(err)}"
         ) from None
     if not isinstance(state, dict) or "learners" not in state:
         raise CheckpointError(f"{path}: not a trgl_dist stage checkpoint")

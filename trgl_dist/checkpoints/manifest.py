@@ -13,12 +13,10 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from trgl_dist.errors import CheckpointError
+
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be used; the message says which and why, in one line."""
 
 
 def step_dir(run_dir: Path, step: int) -> Path:

@@ -1,20 +1,30 @@
-"""The stages' end of the metrics channel: JSON records pushed over pyzmq, never blocking."""
+"""The ranks' end of the metrics channel: signed records pushed over pyzmq, never blocking.
+
+A message is three frames: the sending rank, an HMAC-SHA256 of (rank, payload) under the
+run's secret, and the payload (a JSON record; empty for a heartbeat). The coordinator
+drops any message whose signature does not check, so only the run's own ranks are heard.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import logging
 import threading
-from types import TracebackType
-from typing import Any
 
 import zmq
 
-from trgl_dist.metrics.runlog import encode_record
+from trgl_dist.metrics.records import Record, encode
 
 logger = logging.getLogger(__name__)
 
 # The coordinator refuses bigger messages (zmq MAXMSGSIZE); a record is a few hundred bytes.
 DEFAULT_MAX_MESSAGE_BYTES = 1 << 20
+
+
+def signature(secret: bytes, rank: bytes, payload: bytes) -> bytes:
+    """HMAC-SHA256 of the rank frame and the payload under the run's secret."""
+    return hmac.new(secret, rank + b"\0" + payload, hashlib.sha256).digest()
 
 
 class MetricsClient:
@@ -26,16 +36,18 @@ class MetricsClient:
     def __init__(
         self,
         address: str,
-        hwm: int = 10000,
         *,
+        rank: int,
+        secret: bytes,
+        hwm: int = 10000,
         linger_ms: int = 2000,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     ) -> None:
         self.address = address
         self.max_message_bytes = max_message_bytes
-        self.sent = 0
-        self.dropped = 0
-        self.oversized = 0
+        self.sent = self.dropped = self.oversized = 0
+        self._rank = str(rank).encode()
+        self._secret = secret
         self._linger_ms = linger_ms
         self._lock = threading.Lock()
         self._closed = False
@@ -47,26 +59,35 @@ class MetricsClient:
         self._socket.setsockopt(zmq.LINGER, linger_ms)
         self._socket.connect(address)
 
-    def send(self, rec: dict[str, Any]) -> bool:
+    def send(self, rec: Record) -> bool:
         """Queue one record; False (and counted) if it is too big or the queue is full."""
-        payload = encode_record(rec).encode("utf-8")
-        with self._lock:
-            if len(payload) > self.max_message_bytes:
-                # The coordinator would drop the connection for it: refuse it here instead.
+        payload = encode(rec).encode("utf-8")
+        if len(payload) > self.max_message_bytes:
+            # The coordinator would drop the connection for it: refuse it here instead.
+            with self._lock:
                 self.oversized += 1
                 if self.oversized == 1:
                     logger.warning(
                         "metrics record of %d bytes (kind %r) exceeds %d bytes: not sent",
                         len(payload),
-                        rec.get("kind"),
+                        rec.kind,
                         self.max_message_bytes,
                     )
-                return False
+            return False
+        return self._push(payload)
+
+    def heartbeat(self) -> bool:
+        """Say "still here" (an empty payload): the coordinator watches for silent ranks."""
+        return self._push(b"")
+
+    def _push(self, payload: bytes) -> bool:
+        frames = [self._rank, signature(self._secret, self._rank, payload), payload]
+        with self._lock:
             if self._closed:
                 self.dropped += 1
                 return False
             try:
-                self._socket.send(payload, zmq.NOBLOCK)
+                self._socket.send_multipart(frames, zmq.NOBLOCK)
             except zmq.Again:
                 self.dropped += 1
                 return False
@@ -85,14 +106,3 @@ class MetricsClient:
             logger.warning(
                 "metrics: %d records dropped (queue full), %d too big", self.dropped, self.oversized
             )
-
-    def __enter__(self) -> MetricsClient:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()

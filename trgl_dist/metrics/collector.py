@@ -1,35 +1,72 @@
-"""The coordinator's loop: receive JSON records, write them, decide how the run ended."""
+"""The coordinator's loop: receive signed records, check them, write them, judge the end."""
 
 from __future__ import annotations
 
+import hmac
 import json
 import logging
 import os
 import signal
-import sys
 import threading
 import time
+from collections import Counter
+from dataclasses import dataclass
 from types import FrameType
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import zmq
 
-from trgl_dist.checkpoints.manifest import CheckpointError, write_manifest
+from trgl_dist.checkpoints.manifest import write_manifest
+from trgl_dist.errors import CheckpointError
+from trgl_dist.metrics.client import DEFAULT_MAX_MESSAGE_BYTES, signature
+from trgl_dist.metrics.closing import close_run
+from trgl_dist.metrics.failure import Failure, diagnose_failure, reporters
 from trgl_dist.metrics.progress import ProgressLine
-from trgl_dist.metrics.report import format_console_report, write_report
-from trgl_dist.metrics.runlog import (
-    RunLog,
-    diagnose_failure,
-    failure_info,
-    read_metrics,
-    summarize,
-    write_summary,
+from trgl_dist.metrics.records import (
+    CheckpointRecord,
+    EndRecord,
+    EpochRecord,
+    ErrorRecord,
+    EvalRecord,
+    Record,
+    RecordError,
+    StageRecord,
+    TrainRecord,
+    decode,
 )
+from trgl_dist.metrics.runlog import RunLog
 
-if TYPE_CHECKING:
-    from trgl_dist.metrics.coordinator import CoordinatorSettings
+logger = logging.getLogger("trgl_dist.coordinator")
 
-logger = logging.getLogger("trgl_dist.metrics.coordinator")
+
+@dataclass(frozen=True)
+class CoordinatorSettings:
+    """Timing and limits of the coordinator; the defaults suit a real run."""
+
+    grace_s: float = 2.0  # after the first error, wait this long for the other stages' reports
+    idle_timeout_s: float | None = None  # give up when no record arrives this long (None: never)
+    progress_interval_s: float = 5.0
+    parent_poll_s: float = 0.5
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    receive_hwm: int = 100_000
+    startup_timeout_s: float = 120.0
+    tensorboard: bool = True
+
+
+@dataclass(frozen=True)
+class RunShape:
+    """What a record may name: the run's ranks, stages and modules."""
+
+    world_size: int
+    num_modules: int
+    regime: str
+
+    def stage_of(self, rank: int) -> int:
+        return rank  # rank r runs stage r
+
+
+class Rejected(ValueError):
+    """A message that is dropped and counted; the message says why (for the log)."""
 
 
 class Collector:
@@ -39,27 +76,26 @@ class Collector:
         self,
         runlog: RunLog,
         sock: Any,
-        world_size: int,
-        num_modules: int,
-        regime: str,
+        shape: RunShape,
+        secret: bytes,
         settings: CoordinatorSettings,
         parent_pid: int | None,
     ) -> None:
-        self.runlog, self.sock, self.settings = runlog, sock, settings
-        self.world_size, self.num_modules, self.regime = world_size, num_modules, regime
+        self.runlog, self.sock, self.shape, self.settings = runlog, sock, shape, settings
+        self.secret = secret
         self.parent_pid = parent_pid
         self.extra: dict[str, Any] = {}  # added to summary.json
         # {"meta": ..., "keep": N}: a step's manifest is written once every stage saved it
         self.checkpoints: dict[str, Any] | None = None
-        self.saved: dict[int, set[Any]] = {}
+        self.saved: dict[int, set[int]] = {}
         self.received = self.malformed = 0
-        self.finished: set[Any] = set()  # stages that sent "end"
-        self.reports: list[dict[str, Any]] = []  # "error" and "end" records, for the diagnosis
+        self.rejected: Counter[str] = Counter()  # why messages were dropped
+        self.reports: list[Record] = []  # error and end records, for the diagnosis
         self.first_error_at: float | None = None
         self.parent_lost = False
         self.signal: int | None = None
         self.signals = 0
-        self.progress = ProgressLine(num_modules, settings.progress_interval_s)
+        self.progress = ProgressLine(shape.num_modules, settings.progress_interval_s)
         self.last_record_at = self.last_parent_check = time.monotonic()
 
     def run(self) -> int:
@@ -73,7 +109,7 @@ class Collector:
             self.progress.maybe_log(now)
             outcome = self._outcome(now)
             if outcome is not None:
-                return self._finish(*outcome)
+                return self._finish(outcome)
 
     def _install_signal_handlers(self) -> None:
         if threading.current_thread() is not threading.main_thread():
@@ -89,69 +125,104 @@ class Collector:
     def _drain(self) -> None:
         for _ in range(10_000):  # bounded, so deadlines are still checked under a flood
             try:
-                raw = self.sock.recv(zmq.NOBLOCK)
+                frames = self.sock.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
-            self._accept(raw)
+            try:
+                rank, rec = self._verify(frames)
+            except Rejected as why:
+                self._reject(str(why), sum(len(f) for f in frames))
+                continue
+            if rec is not None:
+                self._accept(rank, rec)
 
-    def _accept(self, raw: bytes) -> None:
+    def _verify(self, frames: list[bytes]) -> tuple[int, Record | None]:
+        """(sending rank, record or None for a heartbeat) of an authentic, valid message."""
+        if len(frames) != 3:
+            raise Rejected("not a three-frame message")
+        rank_frame, mac, payload = frames
+        if not hmac.compare_digest(mac, signature(self.secret, rank_frame, payload)):
+            raise Rejected("bad signature (not from this run's ranks)")
         try:
-            rec = json.loads(raw)  # JSON only: a record must never execute anything (no pickle)
-        except (ValueError, RecursionError):
-            rec = None
-        if not isinstance(rec, dict) or not isinstance(rec.get("kind"), str):
-            self.malformed += 1
-            if self.malformed <= 3:
-                logger.warning("ignoring a malformed metrics message (%d bytes)", len(raw))
-            return
+            rank = int(rank_frame)
+        except ValueError:
+            raise Rejected("the rank frame is not an integer") from None
+        if not 0 <= rank < self.shape.world_size:
+            raise Rejected(f"rank {rank} is not in this run")
+        if not payload:
+            return rank, None
+        try:
+            rec = decode(json.loads(payload))
+        except (ValueError, RecursionError, RecordError) as err:
+            raise Rejected(f"invalid record from rank {rank}: {err}") from None
+        self._check_origin(rank, rec)
+        return rank, rec
+
+    def _check_origin(self, rank: int, rec: Record) -> None:
+        """A record may speak only for its sender, and only of modules the run has."""
+        stage = self.shape.stage_of(rank)
+        if getattr(rec, "stage", stage) != stage or getattr(rec, "rank", rank) != rank:
+            raise Rejected(f"a {rec.kind} record from rank {rank} names another rank or stage")
+        if isinstance(rec, TrainRecord | EvalRecord) and rec.module >= self.shape.num_modules:
+            raise Rejected(f"module {rec.module} is not in this run")
+        if isinstance(rec, StageRecord) and any(m >= self.shape.num_modules for m in rec.modules):
+            raise Rejected("a stage record names a module the run does not have")
+        if isinstance(rec, EpochRecord) and stage != 0:
+            raise Rejected(f"an epoch record from stage {stage} (only stage 0 counts epochs)")
+        peer = rec.peer if isinstance(rec, ErrorRecord) else None
+        if peer is not None and peer >= self.shape.world_size:
+            raise Rejected(f"an error record names rank {peer}, not in this run")
+
+    def _reject(self, why: str, size: int) -> None:
+        self.malformed += 1
+        self.rejected[why.split(":")[0]] += 1
+        if self.malformed <= 3:
+            logger.warning("ignoring a metrics message (%d bytes): %s", size, why)
+
+    def _accept(self, rank: int, rec: Record) -> None:
         self.received += 1
         self.last_record_at = time.monotonic()
         self.runlog.record(rec)
         self.progress.observe(rec)
-        if rec["kind"] == "checkpoint":
+        if isinstance(rec, CheckpointRecord):
             self._checkpointed(rec)
-        if rec["kind"] in ("end", "error"):
+        elif isinstance(rec, EndRecord | ErrorRecord):
             self.reports.append(rec)
-        if rec["kind"] == "end":
-            self.finished.add(rec.get("stage"))
-        elif rec["kind"] == "error" and self.first_error_at is None:
-            self.first_error_at = self.last_record_at
-            logger.info("stage %s reported an error; gathering reports", rec.get("stage"))
+            if isinstance(rec, ErrorRecord) and self.first_error_at is None:
+                self.first_error_at = self.last_record_at
+                logger.info("stage %s reported an error; gathering reports", rec.stage)
 
-    def _checkpointed(self, rec: dict[str, Any]) -> None:
+    def _checkpointed(self, rec: CheckpointRecord) -> None:
         """Every stage wrote its file for this step: declare the checkpoint complete."""
-        step = rec.get("step")
-        if self.checkpoints is None or not isinstance(step, int):
+        if self.checkpoints is None:
             return
-        stages = self.saved.setdefault(step, set())
-        stages.add(rec.get("stage"))
-        if len(stages) < self.world_size:
+        stages = self.saved.setdefault(rec.step, set())
+        stages.add(rec.stage)
+        if len(stages) < self.shape.world_size:
             return
-        del self.saved[step]
+        del self.saved[rec.step]
         meta = {**self.checkpoints["meta"], "position": {}}
         try:
-            write_manifest(self.runlog.run_dir, step, meta, int(self.checkpoints["keep"]))
+            write_manifest(self.runlog.run_dir, rec.step, meta, int(self.checkpoints["keep"]))
         except (OSError, CheckpointError) as err:
-            logger.warning("checkpoint step %d not completed: %s", step, err)
+            logger.warning("checkpoint step %d not completed: %s", rec.step, err)
 
-    def _outcome(self, now: float) -> tuple[str, dict[str, Any] | None] | None:
-        """(how it ended, failure) once the run is over; None while it goes on."""
+    def _outcome(self, now: float) -> tuple[Failure | None] | None:
+        """(the failure or None) once the run is over; None while it goes on."""
         if self.signals > 1:  # asked twice: stop now, with what is known
-            return "failed", self._diagnose()
+            return (self._diagnose(),)
         if self.signal is not None and self.first_error_at is None:
             # The launcher stops every process at once (torchrun after a rank died, or
             # Ctrl-C): keep gathering the stages' last reports for the grace period.
             self.first_error_at = now
         self._check_parent(now)
-        # rank r runs stage r: a report from either names the same process
-        reported = {r.get("rank", r.get("stage")) for r in self.reports}
-        everyone = len(reported) >= self.world_size
+        everyone = len(reporters(self.reports)) >= self.shape.world_size
         if self.first_error_at is None:
             if everyone:
-                return "done", None
+                return (None,)
             return self._idle_outcome(now)
         if everyone or now - self.first_error_at >= self.settings.grace_s:
-            return "failed", self._diagnose()
+            return (self._diagnose(),)
         return None
 
     def _check_parent(self, now: float) -> None:
@@ -167,42 +238,38 @@ class Collector:
             if self.first_error_at is None:
                 self.first_error_at = now
 
-    def _idle_outcome(self, now: float) -> tuple[str, dict[str, Any]] | None:
+    def _idle_outcome(self, now: float) -> tuple[Failure] | None:
         idle = self.settings.idle_timeout_s
         if idle is None or now - self.last_record_at < idle:
             return None
-        silent = sorted(set(range(self.world_size)) - self.finished)
+        silent = sorted(set(range(self.shape.world_size)) - reporters(self.reports))
         description = f"no metrics for {idle:.0f} s; stages {silent} never finished"
-        return "failed", failure_info(None, None, "idle", description)
+        return (Failure(None, None, "idle", description),)
 
-    def _diagnose(self) -> dict[str, Any]:
-        failure = diagnose_failure(self.reports, self.world_size)
+    def _diagnose(self) -> Failure:
+        failure = diagnose_failure(self.reports, self.shape.world_size)
         if failure is not None:
             return failure
         if self.signal is not None:
             name = signal.Signals(self.signal).name
-            return failure_info(
-                None, None, "interrupted", f"stopped by {name} (Ctrl-C or launcher)"
-            )
+            return Failure(None, None, "interrupted", f"stopped by {name} (Ctrl-C or launcher)")
         # no stage said anything: the parent (rank 0) vanished
         description = "stage 0 (rank 0) died without reporting (killed?): parent process gone"
-        return failure_info(0, 0, "died", description)
+        return Failure(0, 0, "died", description)
 
-    def _finish(self, how: str, failure: dict[str, Any] | None) -> int:
+    def _finish(self, outcome: tuple[Failure | None]) -> int:
+        (failure,) = outcome
         self.runlog.close()
-        records = read_metrics(self.runlog.metrics_path)
-        stats = {"received": self.received, "malformed": self.malformed}
-        extra = {**self.extra, "failure": failure, "coordinator": stats}
-        summary = summarize(records, regime=self.regime, num_modules=self.num_modules, extra=extra)
-        write_summary(self.runlog.run_dir, summary)
-        try:
-            write_report(self.runlog.run_dir, records, summary)
-        except Exception:  # a plotting problem must not turn a finished run into a failed one
-            logger.exception("could not write the report")
-        if failure is not None:
-            sys.stderr.write(f"trgl_dist: training failed: {failure['description']}\n")
-            sys.stderr.flush()
-            return 1
-        sys.stdout.write(format_console_report(summary) + "\n")
-        sys.stdout.flush()
-        return 0
+        stats = {
+            "received": self.received,
+            "malformed": self.malformed,
+            "rejected": dict(self.rejected),
+        }
+        close_run(
+            self.runlog.run_dir,
+            regime=self.shape.regime,
+            num_modules=self.shape.num_modules,
+            failure=failure,
+            extra={**self.extra, "coordinator": stats},
+        )
+        return 0 if failure is None else 1

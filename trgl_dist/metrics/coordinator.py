@@ -7,7 +7,7 @@ import multiprocessing
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from pathlib import Path
@@ -15,33 +15,13 @@ from typing import Any
 
 import zmq
 
-from trgl_dist.metrics.client import DEFAULT_MAX_MESSAGE_BYTES
-from trgl_dist.metrics.collector import Collector
-from trgl_dist.metrics.runlog import (
-    RunLog,
-)
+from trgl_dist.errors import CoordinatorError
+from trgl_dist.metrics.collector import Collector, CoordinatorSettings, RunShape
+from trgl_dist.metrics.runlog import RunLog
 
 logger = logging.getLogger(__name__)
 
 _WILDCARD_HOSTS = ("0.0.0.0", "*", "[::]", "::")
-
-
-class CoordinatorError(RuntimeError):
-    """The coordinator could not start (e.g. its port is taken)."""
-
-
-@dataclass(frozen=True)
-class CoordinatorSettings:
-    """Timing and limits of the coordinator; the defaults suit a real run."""
-
-    grace_s: float = 2.0  # after the first error, wait this long for the other stages' reports
-    idle_timeout_s: float | None = None  # give up when no record arrives this long (None: never)
-    progress_interval_s: float = 5.0
-    parent_poll_s: float = 0.5
-    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
-    receive_hwm: int = 100_000
-    startup_timeout_s: float = 120.0
-    tensorboard: bool = True
 
 
 def _connect_address(endpoint: str, connect_host: str | None) -> str:
@@ -53,23 +33,29 @@ def _connect_address(endpoint: str, connect_host: str | None) -> str:
     return f"{scheme}://{host}:{port}"
 
 
+@dataclass(frozen=True)
+class CoordinatorJob:
+    """What one coordinator collects: where, for which run, and who may speak."""
+
+    run_dir: Path
+    shape: RunShape
+    secret: bytes  # the run's signing key: only its ranks can send records
+    bind: str = "tcp://127.0.0.1:0"
+    append: bool = False  # a resumed run: append to metrics.jsonl
+    extra: dict[str, Any] = field(default_factory=dict)  # added to summary.json (JSON values)
+    # {"meta": ..., "keep": N}: write a step's manifest once every stage saved it
+    checkpoints: dict[str, Any] | None = None
+
+
 def start_coordinator(
-    run_dir: Path,
-    *,
-    world_size: int,
-    num_modules: int,
-    regime: str,
-    bind: str = "tcp://127.0.0.1:0",
-    append: bool = False,
+    job: CoordinatorJob,
     settings: CoordinatorSettings | None = None,
     connect_host: str | None = None,
-    extra: dict[str, Any] | None = None,
-    checkpoints: dict[str, Any] | None = None,
 ) -> tuple[BaseProcess, str]:
     """Spawn the coordinator; return it and the address MetricsClients connect to.
 
-    ``extra`` (JSON values) is added to summary.json; ``connect_host`` is the address
-    other nodes reach this one by, used when ``bind`` is a wildcard (tcp://0.0.0.0:PORT).
+    ``connect_host`` is the address other nodes reach this one by, used when the job binds
+    a wildcard (tcp://0.0.0.0:PORT).
     """
     settings = settings or CoordinatorSettings()
     context = multiprocessing.get_context("spawn")
@@ -79,19 +65,8 @@ def start_coordinator(
         name="trgl-coordinator",
         # Daemon: a parent that exits without joining takes it down (SIGTERM -> flush, exit).
         daemon=True,
-        kwargs=dict(
-            run_dir=Path(run_dir),
-            world_size=world_size,
-            num_modules=num_modules,
-            regime=regime,
-            bind=bind,
-            append=append,
-            settings=settings,
-            parent_pid=os.getpid(),
-            ready=ready_send,
-            extra=extra,
-            checkpoints=checkpoints,
-        ),
+        # The secret travels through the spawn pipe, never on a command line.
+        args=(job, settings, os.getpid(), ready_send),
     )
     process.start()
     ready_send.close()
@@ -135,11 +110,13 @@ def stop_coordinator(process: BaseProcess, timeout_s: float = 60.0) -> int | Non
     return process.exitcode
 
 
-def _process_main(**kwargs: Any) -> None:
+def _process_main(
+    job: CoordinatorJob, settings: CoordinatorSettings, parent_pid: int, ready: Connection
+) -> None:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s [coordinator] %(message)s", datefmt="%H:%M:%S"
     )
-    sys.exit(run_coordinator(**kwargs))
+    sys.exit(run_coordinator(job, settings, parent_pid=parent_pid, ready=ready))
 
 
 def _bind_pull(context: zmq.Context[Any], bind: str, settings: CoordinatorSettings) -> Any:
@@ -153,38 +130,31 @@ def _bind_pull(context: zmq.Context[Any], bind: str, settings: CoordinatorSettin
 
 
 def run_coordinator(
-    run_dir: Path,
-    *,
-    world_size: int,
-    num_modules: int,
-    regime: str,
-    bind: str,
-    append: bool = False,
+    job: CoordinatorJob,
     settings: CoordinatorSettings | None = None,
+    *,
     parent_pid: int | None = None,
     ready: Connection | None = None,
-    extra: dict[str, Any] | None = None,
-    checkpoints: dict[str, Any] | None = None,
 ) -> int:
-    """The coordinator's body; returns the exit code (0 done, 1 failed, 2 no bind, 128+sig)."""
+    """The coordinator's body; returns the exit code (0 done, 1 failed, 2 no bind)."""
     settings = settings or CoordinatorSettings()
     context: zmq.Context[Any] = zmq.Context()
     try:
         try:
-            sock = _bind_pull(context, bind, settings)
+            sock = _bind_pull(context, job.bind, settings)
         except zmq.ZMQError as exc:
             if ready is not None:
-                ready.send(("error", f"metrics coordinator cannot bind {bind}: {exc.strerror}"))
+                ready.send(("error", f"metrics coordinator cannot bind {job.bind}: {exc.strerror}"))
             return 2
         endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
         if ready is not None:
             ready.send(("ready", endpoint))
             ready.close()
-        logger.info("collecting metrics on %s into %s", endpoint, run_dir)
-        runlog = RunLog(run_dir, append=append, tensorboard=settings.tensorboard)
-        state = Collector(runlog, sock, world_size, num_modules, regime, settings, parent_pid)
-        state.extra = dict(extra or {})
-        state.checkpoints = checkpoints
+        logger.info("collecting metrics on %s into %s", endpoint, job.run_dir)
+        runlog = RunLog(job.run_dir, append=job.append, tensorboard=settings.tensorboard)
+        state = Collector(runlog, sock, job.shape, job.secret, settings, parent_pid)
+        state.extra = dict(job.extra)
+        state.checkpoints = job.checkpoints
         return state.run()
     finally:
         context.destroy(linger=0)

@@ -7,14 +7,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from trgl_dist.metrics.records import EvalRecord, Record, TrainRecord, of_kind
+from trgl_dist.rundir import PLOTS_DIR, REPORT_FILE
+
 logger = logging.getLogger(__name__)
 
-REPORT_FILE = "report.md"
-PLOTS_DIR = "plots"
 # More lines than this on one plot are unreadable: show evenly spaced epochs.
 _MAX_EPOCH_LINES = 8
-
-Record = dict[str, Any]
 
 
 def _pct(value: float | None) -> str:
@@ -73,9 +72,8 @@ def _save(fig: Any, path: Path) -> Path:
 def _final_eval_per_epoch(records: Sequence[Record]) -> dict[int, dict[int, float]]:
     """epoch -> module -> test accuracy (the last record wins)."""
     table: dict[int, dict[int, float]] = {}
-    for rec in records:
-        if rec.get("kind") == "eval" and rec.get("accuracy") is not None:
-            table.setdefault(rec["epoch"], {})[rec["module"]] = rec["accuracy"]
+    for rec in of_kind(records, EvalRecord):
+        table.setdefault(rec.epoch, {})[rec.module] = rec.accuracy
     return table
 
 
@@ -104,11 +102,10 @@ def _plot_test_accuracy(
 
 def _plot_train_curve(records: Sequence[Record], field: str, ylabel: str, out: Path) -> Path | None:
     curves: dict[int, tuple[list[float], list[float]]] = {}
-    for rec in records:
-        if rec.get("kind") == "train" and isinstance(rec.get(field), int | float):
-            steps, values = curves.setdefault(rec["module"], ([], []))
-            steps.append(rec["step"])
-            values.append(rec[field])
+    for rec in of_kind(records, TrainRecord):
+        steps, values = curves.setdefault(rec.module, ([], []))
+        steps.append(rec.step)
+        values.append(getattr(rec, field))
     if not curves:
         return None
     fig, ax = _new_plot(f"Training {ylabel} per module", "step", ylabel)
@@ -140,7 +137,11 @@ def _plot_stage_time(stages: Sequence[dict[str, Any]], out: Path) -> Path | None
 def _plot_stage_memory(stages: Sequence[dict[str, Any]], out: Path) -> Path | None:
     series = [
         (key, label)
-        for key, label in (("peak_rss_mb", "peak RSS"), ("peak_tensor_mb", "peak tensors"))
+        for key, label in (
+            ("peak_rss_mb", "peak RSS"),
+            ("peak_tensor_mb", "peak tensors"),
+            ("cuda_peak_mb", "CUDA peak"),
+        )
         if any(s.get(key) is not None for s in stages)
     ]
     if not stages or not series:
@@ -155,8 +156,8 @@ def _plot_stage_memory(stages: Sequence[dict[str, Any]], out: Path) -> Path | No
     return _save(fig, out / "stage_memory.png")
 
 
-def _last_train(records: Sequence[Record]) -> dict[int, Record]:
-    return {r["module"]: r for r in records if r.get("kind") == "train"}
+def _last_train(records: Sequence[Record]) -> dict[int, TrainRecord]:
+    return {r.module: r for r in of_kind(records, TrainRecord)}
 
 
 def _module_table(records: Sequence[Record], summary: dict[str, Any]) -> list[str]:
@@ -167,12 +168,16 @@ def _module_table(records: Sequence[Record], summary: dict[str, Any]) -> list[st
         "|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for m in summary["modules"]:
-        t = last.get(m["module"], {})
-        weight = t.get("tau") if t.get("tau") is not None else t.get("lambda")
+        t = last.get(m["module"])
+        if t is None:
+            rows.append(f"| {m['module'] + 1} | - | {_pct(m['test_accuracy'])} "
+                        f"| {_pct(m['best_test_accuracy'])} | - | - | - | - |")
+            continue
+        weight = t.tau if t.tau is not None else t.lambda_
         rows.append(
-            f"| {m['module'] + 1} | {t.get('stage', '-')} | {_pct(m['test_accuracy'])} "
-            f"| {_pct(m['best_test_accuracy'])} | {_num(t.get('loss'), '.4f')} "
-            f"| {_num(t.get('ce'), '.4f')} | {_num(t.get('transport'), '.4g')} "
+            f"| {m['module'] + 1} | {t.stage} | {_pct(m['test_accuracy'])} "
+            f"| {_pct(m['best_test_accuracy'])} | {_num(t.loss, '.4f')} "
+            f"| {_num(t.ce, '.4f')} | {_num(t.transport, '.4g')} "
             f"| {_num(weight, '.4g')} |"
         )
     return rows
@@ -181,15 +186,16 @@ def _module_table(records: Sequence[Record], summary: dict[str, Any]) -> list[st
 def _stage_table(stages: Sequence[dict[str, Any]]) -> list[str]:
     rows = [
         "| stage | modules | busy | waiting for input | waiting for output | samples/s "
-        "| peak RSS (MB) | peak tensors (MB) | sent (MB) | staleness |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| peak RSS (MB) | peak tensors (MB) | CUDA peak (MB) | sent (MB) | staleness |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for s in stages:
         sent = None if s["bytes_sent"] is None else s["bytes_sent"] / 2**20
         rows.append(
             f"| {s['stage']} | {_module_list(s['modules'])} | {_pct(s['busy'])} "
             f"| {_pct(s['wait_in'])} | {_pct(s['wait_out'])} | {_num(s['samples_per_s'])} "
-            f"| {_num(s['peak_rss_mb'])} | {_num(s['peak_tensor_mb'])} | {_num(sent)} "
+            f"| {_num(s['peak_rss_mb'])} | {_num(s['peak_tensor_mb'])} "
+            f"| {_num(s.get('cuda_peak_mb'))} | {_num(sent)} "
             f"| {_num(s.get('staleness_mean'), '.2f')} |"
         )
     return rows
@@ -265,9 +271,11 @@ def format_console_report(summary: dict[str, Any]) -> str:
         f"throughput: {_num(summary.get('samples_per_s'))} samples/s"
     )
     for s in summary.get("stages") or []:
+        cuda = s.get("cuda_peak_mb")
         lines.append(
             f"stage {s['stage']} (modules {_module_list(s['modules'])}): busy {_pct(s['busy'])}, "
             f"waiting {_pct(s['wait'])}, peak RSS {_num(s['peak_rss_mb'])} MB"
+            + ("" if cuda is None else f", CUDA peak {_num(cuda)} MB")
         )
     if summary.get("failure"):
         lines.append(f"FAILED: {summary['failure'].get('description', summary['failure'])}")

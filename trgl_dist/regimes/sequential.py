@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 from torch import Tensor
 
-from trgl_dist.config import module_epochs
+from trgl_dist.config import module_epochs, scores_after
 from trgl_dist.data import steps_per_epoch
-from trgl_dist.regimes.common import Context, batches, end_epoch, evaluate, log_train
+from trgl_dist.metrics.records import EpochRecord, EvalTally, TrainRecord
+from trgl_dist.regimes.common import Context
 from trgl_dist.training.learner import ModuleLearner
+from trgl_dist.training.schedule import test_loader, train_loader
+from trgl_dist.training.stage import score_batch
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +35,12 @@ def frozen_forward(frozen: Sequence[ModuleLearner], x: Tensor) -> Tensor:
     return x
 
 
-def _cached_inputs(
+def _on_device(ctx: Context, loader: Iterable[Sequence[Tensor]]) -> Iterator[tuple[Tensor, Tensor]]:
+    for x, y, _ids in loader:
+        yield x.to(ctx.device, non_blocking=True), y.to(ctx.device, non_blocking=True)
+
+
+def cached_inputs(
     ctx: Context, frozen: Sequence[ModuleLearner], epoch: int
 ) -> tuple[Tensor, Tensor]:
     """One pass of the frozen prefix over the training set, kept in memory.
@@ -40,7 +48,7 @@ def _cached_inputs(
     The augmentation is therefore drawn once per sample, not once per epoch.
     """
     hs, ys = [], []
-    for x, y in batches(ctx, epoch, "caching frozen outputs"):
+    for x, y in _on_device(ctx, train_loader(ctx.config, ctx.train_set, epoch)):
         hs.append(frozen_forward(frozen, x).cpu())
         ys.append(y.cpu())
     h = torch.cat(hs)
@@ -52,14 +60,13 @@ def _module_batches(
     ctx: Context, frozen: Sequence[ModuleLearner], epoch: int, cache: tuple[Tensor, Tensor] | None
 ) -> Iterator[tuple[Tensor, Tensor]]:
     if cache is None:
-        for x, y in batches(ctx, epoch, f"module {len(frozen) + 1} epoch {epoch + 1}"):
+        for x, y in _on_device(ctx, train_loader(ctx.config, ctx.train_set, epoch)):
             yield frozen_forward(frozen, x), y
         return
     h, y = cache
     g = torch.Generator().manual_seed(ctx.config.train.seed * 100_003 + epoch)
     order = torch.randperm(len(y), generator=g)
     for chunk in order.split(ctx.config.data.batch_size):
-        ctx.samples_seen += len(chunk)
         yield h[chunk].to(ctx.device), y[chunk].to(ctx.device)
 
 
@@ -82,10 +89,11 @@ def train_sequential(ctx: Context) -> None:
             if done[k] >= target:
                 continue
             frozen = ctx.learners[:k]
-            cache = _cached_inputs(ctx, frozen, done[k]) if use_cache and k > 0 else None
+            cache = cached_inputs(ctx, frozen, done[k]) if use_cache and k > 0 else None
             while done[k] < target and not ctx.out_of_steps(learner):
-                _module_epoch(ctx, learner, frozen, done[k], cache)
+                _module_epoch(ctx, learner, frozen, done[k], cache, budgets[k] - 1)
                 done[k] += 1
+                learner.guard.check(learner.index)
                 ctx.save(sum(lr.steps for lr in ctx.learners), {"epochs_done": list(done)})
 
 
@@ -95,13 +103,41 @@ def _module_epoch(
     frozen: Sequence[ModuleLearner],
     epoch: int,
     cache: tuple[Tensor, Tensor] | None,
+    last_epoch: int,
 ) -> None:
+    """One epoch of ``learner`` on its frozen predecessors' outputs; its test score after
+    the epochs --eval-every asks for and after its last one."""
     started = time.perf_counter()
     for h, y in _module_batches(ctx, frozen, epoch, cache):
         learner.train_step(h, y)
         if learner.steps % ctx.config.train.log_every == 0:
-            log_train(ctx, learner, epoch)
+            _record_train(ctx, learner, epoch)
         if ctx.out_of_steps(learner):
             break
-    end_epoch(ctx, epoch, started, [learner])
-    evaluate(ctx, epoch, upto=len(frozen) + 1, only=[len(frozen)])
+    _record_train(ctx, learner, epoch)
+    learner.scheduler.step()
+    seconds = time.perf_counter() - started
+    ctx.record(EpochRecord(step=learner.steps, epoch=epoch, stage=0, seconds=seconds))
+    if scores_after(ctx.config.train, epoch, last_epoch) or ctx.out_of_steps(learner):
+        _score(ctx, [*frozen, learner], epoch)
+
+
+def _record_train(ctx: Context, learner: ModuleLearner, epoch: int) -> None:
+    learner.guard.check(learner.index)
+    if learner.meter.steps == 0:
+        return
+    ctx.record(
+        TrainRecord(
+            step=learner.steps, epoch=epoch, module=learner.index, stage=0, **learner.log_fields()
+        )
+    )
+
+
+def _score(ctx: Context, learners: Sequence[ModuleLearner], epoch: int) -> None:
+    """The test score of the last of ``learners`` (the one just trained)."""
+    last = len(learners) - 1
+    tally = EvalTally([learners[last].index], epoch)
+    for x, y in _on_device(ctx, test_loader(ctx.config, ctx.test_set)):
+        score_batch(learners, [last], tally, x, y)
+    for rec in tally.records([learners[last].steps], stage=0):
+        ctx.record(rec)

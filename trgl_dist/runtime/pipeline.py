@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import secrets
 import signal
 import sys
 import threading
@@ -19,22 +20,24 @@ import torch
 import torch.distributed as dist
 
 from trgl_dist.checkpoints import files as ckpt
-from trgl_dist.checkpoints.manifest import CheckpointError
-from trgl_dist.checkpoints.snapshot import restore, run_meta, stage_state
-from trgl_dist.config import Config, ConfigError, write_toml
-from trgl_dist.data import DataError, IndexedImages, build_datasets, steps_per_epoch
+from trgl_dist.config import Config, write_toml
+from trgl_dist.data import IndexedImages, build_datasets
+from trgl_dist.errors import ConfigError, UserError
 from trgl_dist.metrics.client import MetricsClient
-from trgl_dist.metrics.coordinator import CoordinatorError, start_coordinator
-from trgl_dist.metrics.runlog import run_directory
-from trgl_dist.network.build import build_network, resolve_split
+from trgl_dist.metrics.collector import RunShape
+from trgl_dist.metrics.coordinator import CoordinatorJob, start_coordinator
+from trgl_dist.metrics.records import MAX_MESSAGE_CHARS, CheckpointRecord, ErrorRecord
 from trgl_dist.network.models import InputSpec
+from trgl_dist.rundir import CONFIG_FILE, run_directory
 from trgl_dist.runtime import topology as topo
 from trgl_dist.runtime.buffer import BatchBuffer
 from trgl_dist.runtime.link import PeerFailure, Receiver, Sender
+from trgl_dist.training.build import build_network, resolve_split
 from trgl_dist.training.items import Batch
 from trgl_dist.training.learner import ModuleLearner, build_learners
-from trgl_dist.training.schedule import batch_stream, inbox_stream
-from trgl_dist.training.stage import Save, Send, StageWorker, stage_modules
+from trgl_dist.training.schedule import batch_stream, inbox_stream, stage_plan
+from trgl_dist.training.snapshot import restore, run_meta, stage_state
+from trgl_dist.training.stage import SaveStage, Send, StageWorker, stage_modules
 
 log = logging.getLogger("trgl_dist")
 COORDINATOR_WAIT_S = 60.0
@@ -42,7 +45,8 @@ RUN_INFO_BYTES = 4096
 
 
 def _share_run_info(topology: topo.Topology, info: dict[str, str]) -> dict[str, str]:
-    """Rank 0's run directory and coordinator address, broadcast to every rank as JSON bytes."""
+    """Rank 0's run directory, coordinator address and the run's secret (hex), broadcast to
+    every rank as JSON bytes."""
     payload = torch.zeros(RUN_INFO_BYTES, dtype=torch.uint8)
     if topology.is_first:
         raw = json.dumps(info).encode()
@@ -84,11 +88,7 @@ def build_stage(config: Config, topology: topo.Topology) -> Stage:
         raise ConfigError(str(err)) from None
     for k in mine:
         modules[k].to(topology.device)
-    meta = {
-        **run_meta(config, counts, stages=topology.world_size),
-        "input": [spec.channels, spec.size, spec.size],
-        "num_classes": spec.num_classes,
-    }
+    meta = run_meta(config, counts, spec, stages=topology.world_size)
     learners = build_learners(config, modules, mine)
     return Stage(config, learners, train_set, test_set, counts, meta)
 
@@ -156,13 +156,15 @@ def _train(config: Config, topology: topo.Topology, services: _Services, resume:
     if topology.is_first:
         info = _start_coordinator(config, topology, stage, services, resume)
     info = _share_run_info(topology, info)
-    services.client = MetricsClient(info["address"])
+    services.client = MetricsClient(
+        info["address"], rank=topology.rank, secret=bytes.fromhex(info["secret"])
+    )
     run_dir = Path(info["run_dir"])
     send = services.client.send
 
     def save(step: int, epoch: int) -> None:
         ckpt.save_stage(run_dir, step, topology.stage, stage_state(stage.learners, step, {}))
-        send({"kind": "checkpoint", "step": step, "epoch": epoch, "stage": topology.stage})
+        send(CheckpointRecord(step=step, epoch=epoch, stage=topology.stage))
 
     run_stage(config, topology, stage, send, save)
 
@@ -170,19 +172,21 @@ def _train(config: Config, topology: topo.Topology, services: _Services, resume:
 def _start_coordinator(
     config: Config, topology: topo.Topology, stage: Stage, services: _Services, resume: bool
 ) -> dict[str, str]:
-    run_dir = run_directory(config, resume)
-    write_toml(config, run_dir / "config.toml")
-    services.coordinator, address = start_coordinator(
+    run_dir = run_directory(config.train.out, config.train.regime, resume)
+    write_toml(config, run_dir / CONFIG_FILE)
+    secret = secrets.token_bytes(32)
+    job = CoordinatorJob(
         run_dir,
-        world_size=topology.world_size,
-        num_modules=config.model.modules,
-        regime="pipeline",
+        RunShape(topology.world_size, config.model.modules, "pipeline"),
+        secret,
         bind=config.pipeline.coordinator,
         append=resume,
         extra={"blocks_per_module": stage.counts},
         checkpoints={"meta": stage.meta, "keep": config.train.keep_checkpoints},
-        # other nodes reach a wildcard-bound coordinator at torchrun's rendezvous host
-        connect_host=os.environ.get("MASTER_ADDR"),
+    )
+    # other nodes reach a wildcard-bound coordinator at torchrun's rendezvous host
+    services.coordinator, address = start_coordinator(
+        job, connect_host=os.environ.get("MASTER_ADDR")
     )
     log.info(
         "%d stages, modules of %s blocks, run directory %s",
@@ -190,14 +194,14 @@ def _start_coordinator(
         stage.counts,
         run_dir,
     )
-    return {"address": address, "run_dir": str(run_dir)}
+    return {"address": address, "run_dir": str(run_dir), "secret": secret.hex()}
 
 
 def _failed(err: BaseException, topology: topo.Topology, client: MetricsClient | None) -> int:
     """Report a failure to the coordinator; only a rank's own error is printed here (the
     coordinator names the root cause once for the whole run)."""
     where = f"stage {topology.stage} (rank {topology.rank})"
-    if isinstance(err, ConfigError | DataError | CheckpointError | CoordinatorError):
+    if isinstance(err, UserError):
         if topology.is_first:  # every rank has the same config: say it once
             print(f"error: {err}", file=sys.stderr)
         return 2
@@ -237,17 +241,19 @@ def _teardown(code: int, services: _Services) -> int:
 
 
 def run_stage(
-    config: Config, topology: topo.Topology, stage: Stage, send: Send, save: Save | None = None
-) -> None:
-    """Train this stage until END; records go to ``send``, checkpoints to ``save``."""
+    config: Config, topology: topo.Topology, stage: Stage, send: Send, save: SaveStage | None = None
+) -> StageWorker:
+    """Train this stage until END; records go to ``send``, checkpoints to ``save``.
+    Returns the finished worker (its clock and buffers hold the stage's statistics)."""
     worker, threads = _wire_stage(config, topology, stage, send, save)
     worker.run()
     for thread in threads:  # the sender finishes once END is on the wire
         thread.join()
+    return worker
 
 
 def _wire_stage(
-    config: Config, topology: topo.Topology, stage: Stage, send: Send, save: Save | None
+    config: Config, topology: topo.Topology, stage: Stage, send: Send, save: SaveStage | None
 ) -> tuple[StageWorker, list[threading.Thread]]:
     """The stage with its inbox (fed by a receiver thread) and outbox (drained by a sender)."""
     p = config.pipeline
@@ -273,14 +279,12 @@ def _wire_stage(
         _source(config, topology, stage, inbox),
         outbox,
         send,
-        log_every=config.train.log_every,
+        stage_plan(config, stage.train_set, stage.start_step),
         device=topology.device,
+        rank=topology.rank,
         inbox=inbox,
         links=threads,
         save=save,
-        checkpoint_every=config.train.checkpoint_every,
-        start_step=stage.start_step,
-        steps_per_epoch=steps_per_epoch(stage.train_set, config.data.batch_size),
     )
     return worker, threads
 
@@ -295,14 +299,13 @@ def _report(
     if client is None:
         return
     client.send(
-        {
-            "kind": "error",
-            "step": -1,
-            "epoch": -1,
-            "stage": topology.stage,
-            "rank": topology.rank,
-            "message": message,
-            "cause": cause,
-            "peer": peer,
-        }
+        ErrorRecord(
+            step=-1,
+            epoch=-1,
+            stage=topology.stage,
+            rank=topology.rank,
+            message=message[:MAX_MESSAGE_CHARS],
+            cause=cause,
+            peer=peer,
+        )
     )

@@ -1,9 +1,15 @@
-"""One module with its own optimizer and local objective: the unit every regime trains."""
+"""One module with its own optimizer and local objective: the unit every regime trains.
+
+A training step is three parts, each usable alone: ``forward`` (the module on a detached
+input), ``loss`` (the local objective, ``method.local_loss`` unless another is given) and
+``apply`` (backward and optimizer step). Nothing in a step reads a value back to the host:
+the meter and the finiteness guard stay on the device until the stage asks for them.
+"""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -11,8 +17,10 @@ import torch
 from torch import Tensor, nn
 
 from trgl_dist.config import Config, default_lr
-from trgl_dist.method import Multiplier, local_loss, tau_schedule
-from trgl_dist.network.modules import LocalModule
+from trgl_dist.method import LocalLoss, Multiplier, local_loss, tau_schedule
+from trgl_dist.network.modules import LocalModule, ModuleOutput
+
+LossFn = Callable[..., LocalLoss]
 
 
 @dataclass
@@ -26,12 +34,10 @@ class ModuleMeter:
     samples: int = 0
     steps: int = 0
 
-    def add(
-        self, loss: Tensor, ce: Tensor, transport: Tensor, correct: Tensor, samples: int
-    ) -> None:
-        self.loss = self.loss.to(loss.device) + loss.detach()
-        self.ce = self.ce.to(ce.device) + ce
-        self.transport = self.transport.to(transport.device) + transport
+    def add(self, loss: LocalLoss, correct: Tensor, samples: int) -> None:
+        self.loss = self.loss.to(correct.device) + loss.total.detach()
+        self.ce = self.ce.to(correct.device) + loss.ce
+        self.transport = self.transport.to(correct.device) + loss.transport
         self.correct = self.correct.to(correct.device) + correct
         self.samples += samples
         self.steps += 1
@@ -48,6 +54,34 @@ class ModuleMeter:
         }
         self.__init__()  # type: ignore[misc]
         return out
+
+
+class FiniteGuard:
+    """Remembers, on the device, the first step whose loss was NaN or inf.
+
+    Branching on the loss at every step would make the host wait for the device; the guard
+    records instead, and ``check`` (at a log interval, before a checkpoint, at the end)
+    raises for the step it saw, so a checkpoint is never written after a bad step.
+    """
+
+    def __init__(self) -> None:
+        self.step = torch.zeros((), dtype=torch.int64)  # 0: every loss so far was finite
+        self.value = torch.zeros(())
+
+    def observe(self, total: Tensor, step: int) -> None:
+        if self.step.device != total.device:
+            self.step, self.value = self.step.to(total.device), self.value.to(total.device)
+        first = (self.step == 0) & ~torch.isfinite(total.detach())
+        self.step = torch.where(first, step, self.step)
+        self.value = torch.where(first, total.detach(), self.value)
+
+    def check(self, module: int) -> None:
+        """Raise FloatingPointError naming the module and the first bad step, if any."""
+        step = int(self.step.item())
+        if step:
+            raise FloatingPointError(
+                f"module {module + 1}: loss is {self.value.item()} at step {step}"
+            )
 
 
 def build_optimizer(params: Any, config: Config) -> torch.optim.Optimizer:
@@ -83,11 +117,18 @@ class ModuleLearner:
     """Module k, its optimizer and its method state. ``train_step`` is the whole local update."""
 
     def __init__(
-        self, index: int, module: LocalModule, config: Config, tau: float, epochs: int = 1
+        self,
+        index: int,
+        module: LocalModule,
+        config: Config,
+        tau: float,
+        epochs: int = 1,
+        loss_fn: LossFn = local_loss,
     ):
         self.index, self.module, self.config = index, module, config
         self.method = config.method
         self.tau = tau
+        self.loss_fn = loss_fn
         self.multiplier = (
             Multiplier(
                 self.method.multiplier_h, self.method.multiplier_every, self.method.multiplier_init
@@ -98,34 +139,42 @@ class ModuleLearner:
         self.optimizer = build_optimizer(module.parameters(), config)
         self.scheduler = build_scheduler(self.optimizer, config, epochs)
         self.meter = ModuleMeter()
+        self.guard = FiniteGuard()
         self.steps = 0
 
-    def train_step(self, x: Tensor, y: Tensor) -> Tensor:
-        """Forward, local loss, backward, step. Returns the output computed before the update."""
+    def forward(self, x: Tensor) -> ModuleOutput:
+        """The module in training mode on ``x``, detached: nothing flows back upstream."""
         self.module.train()
-        out = self.module(x.detach())
-        loss = local_loss(
-            out.logits,
+        return self.module(x.detach())
+
+    def loss(self, logits: Tensor, y: Tensor, residues: Sequence[Tensor]) -> LocalLoss:
+        """The local objective of this module's method on one batch."""
+        return self.loss_fn(
+            logits,
             y,
-            out.residues,
+            residues,
             method=self.method.name,
             tau=self.tau,
             multiplier=self.multiplier.value if self.multiplier else 1.0,
             transport_norm=self.method.transport_norm,
             label_smoothing=self.method.label_smoothing,
         )
-        if not torch.isfinite(loss.total):
-            raise FloatingPointError(
-                f"module {self.index + 1}: loss is {loss.total.item()} at step {self.steps + 1}"
-            )
+
+    def apply(self, loss: LocalLoss, logits: Tensor, y: Tensor) -> None:
+        """Backward and optimizer step of ``loss``; counts the step and meters it."""
+        self.guard.observe(loss.total, self.steps + 1)
         self.optimizer.zero_grad(set_to_none=True)
         loss.total.backward()
         self.optimizer.step()
         if self.multiplier is not None:
-            self.multiplier.update(loss.ce.item())
+            self.multiplier.update(loss.ce)
         self.steps += 1
-        correct = (out.logits.detach().argmax(1) == y).sum()
-        self.meter.add(loss.total, loss.ce, loss.transport, correct, len(y))
+        self.meter.add(loss, (logits.detach().argmax(1) == y).sum(), len(y))
+
+    def train_step(self, x: Tensor, y: Tensor) -> Tensor:
+        """Forward, local loss, backward, step. Returns the output computed before the update."""
+        out = self.forward(x)
+        self.apply(self.loss(out.logits, y, out.residues), out.logits, y)
         return out.h.detach()
 
     @torch.no_grad()
@@ -137,10 +186,10 @@ class ModuleLearner:
         return out.h, (out.logits.argmax(1) == y).sum(), ce
 
     def log_fields(self) -> dict[str, Any]:
-        """The interval means plus tau or lambda, for a "train" record."""
+        """The interval means plus tau or lambda, the fields of a train record."""
         fields: dict[str, Any] = self.meter.flush()
         fields["tau"] = self.tau if self.method.name == "trgl" and math.isfinite(self.tau) else None
-        fields["lambda"] = self.multiplier.value if self.multiplier else None
+        fields["lambda_"] = self.multiplier.value if self.multiplier else None
         return fields
 
     def state_dict(self) -> dict[str, Any]:
@@ -159,6 +208,48 @@ class ModuleLearner:
         self.steps = int(state["steps"])
         if self.multiplier is not None and state["multiplier"] is not None:
             self.multiplier.load_state_dict(state["multiplier"])
+
+
+Trainer = Callable[[Tensor, Tensor], Tensor]
+
+
+def chain(learners: Sequence[ModuleLearner]) -> Trainer:
+    """Module-wise training of consecutive modules: each trains on its predecessor's output,
+    computed before the predecessor's update (the lock-step reference and a pipeline stage)."""
+
+    def step(h: Tensor, y: Tensor) -> Tensor:
+        for learner in learners:
+            h = learner.train_step(h, y)
+        return h
+
+    return step
+
+
+def end_to_end(learners: Sequence[ModuleLearner]) -> Trainer:
+    """Back-propagation through every body into the last head, with plain CE whatever the
+    method (the transport is still metered). One optimizer: see ``share_optimizer``."""
+    last = learners[-1]
+
+    def step(x: Tensor, y: Tensor) -> Tensor:
+        h, residues = x, []
+        for learner in learners:
+            learner.module.train()
+            h, block_residues = learner.module.features(h)
+            residues += block_residues
+        logits = last.module.head(h)
+        m = last.method
+        loss = local_loss(
+            logits,
+            y,
+            residues,
+            method="vanilla",
+            label_smoothing=m.label_smoothing,
+            transport_norm=m.transport_norm,
+        )
+        last.apply(loss, logits, y)
+        return h.detach()
+
+    return step
 
 
 def build_learners(

@@ -1,15 +1,58 @@
-"""Stage 0's input: the training batches of every epoch, each epoch's test pass, then END."""
+"""The batch schedule every regime follows: each epoch's training batches, its test pass, END.
+
+Stage 0 of the pipeline and the one-process lock-step regimes draw the same stream, so a
+pipeline with FIFO buffers replays exactly the lock-step run.
+"""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Protocol
 
-from trgl_dist.config import Config, planned_epochs
+from torch.utils.data import DataLoader
+
+from trgl_dist.config import Config, planned_epochs, scores_after
 from trgl_dist.data import IndexedImages, make_loader, steps_per_epoch
-from trgl_dist.runtime.buffer import BatchBuffer
 from trgl_dist.training.items import Batch, Kind
+from trgl_dist.training.stage import StagePlan
+
+
+class Inbox(Protocol):
+    def get(self) -> tuple[Batch, float]: ...
+
+
+def stage_plan(config: Config, train_set: IndexedImages, start_step: int = 0) -> StagePlan:
+    """When a stage following this schedule reports and checkpoints."""
+    t = config.train
+    return StagePlan(
+        log_every=t.log_every,
+        checkpoint_every=t.checkpoint_every,
+        start_step=start_step,
+        steps_per_epoch=steps_per_epoch(train_set, config.data.batch_size),
+    )
+
+
+def train_loader(config: Config, train_set: IndexedImages, epoch: int, skip: int = 0) -> DataLoader:
+    """The training batches (x, y, ids) of ``epoch``, from batch ``skip`` on (a resumed run)."""
+    d = config.data
+    return make_loader(
+        train_set,
+        d.batch_size,
+        train=True,
+        seed=config.train.seed,
+        epoch=epoch,
+        workers=d.workers,
+        skip_batches=skip,
+    )
+
+
+def test_loader(config: Config, test_set: IndexedImages) -> DataLoader:
+    """The test (or validation) batches (x, y, ids), in a fixed order, twice the train batch."""
+    d = config.data
+    return make_loader(
+        test_set, 2 * d.batch_size, train=False, seed=config.train.seed, epoch=0, workers=d.workers
+    )
 
 
 def batch_stream(
@@ -17,37 +60,35 @@ def batch_stream(
 ) -> Iterator[tuple[Batch, float]]:
     """(batch, seconds spent producing it). Step numbers count training batches from 1.
 
-    With the same seed this is exactly the batch sequence of the `parallel` regime.
+    ``start_step`` > 0 continues a resumed run at exactly the batch after that step.
     """
-    d, t = config.data, config.train
+    t = config.train
     step = start_step
-    per_epoch = steps_per_epoch(train_set, d.batch_size)
+    per_epoch = steps_per_epoch(train_set, config.data.batch_size)
     first_epoch, skip = divmod(start_step, per_epoch)
+    last_epoch = final_epoch(config, per_epoch)
     epoch = first_epoch
-    for epoch in range(first_epoch, planned_epochs(t, per_epoch)):
-        if 0 < t.max_steps <= step:
+    for epoch in range(first_epoch, last_epoch + 1):
+        if 0 < t.max_steps <= step:  # resumed from the run's last step
             break
-        loader = make_loader(
-            train_set,
-            d.batch_size,
-            train=True,
-            seed=t.seed,
-            epoch=epoch,
-            workers=d.workers,
-            skip_batches=skip if epoch == first_epoch else 0,
-        )
-        for batch, waited in _timed(iter(loader)):
+        loader = train_loader(config, train_set, epoch, skip if epoch == first_epoch else 0)
+        for (x, y, ids), waited in _timed(iter(loader)):
             step += 1
-            x, y, ids = batch
             yield Batch(Kind.TRAIN, step, epoch, x, y, ids), waited
             if 0 < t.max_steps <= step:
                 break
-        test = make_loader(
-            test_set, 2 * d.batch_size, train=False, seed=t.seed, epoch=0, workers=d.workers
-        )
-        for (x, y, ids), waited in _timed(iter(test)):
-            yield Batch(Kind.EVAL, step, epoch, x, y, ids), waited
+        if scores_after(t, epoch, last_epoch):
+            for (x, y, ids), waited in _timed(iter(test_loader(config, test_set))):
+                yield Batch(Kind.EVAL, step, epoch, x, y, ids), waited
     yield Batch(Kind.END, step, epoch, None, None, None), 0.0
+
+
+def final_epoch(config: Config, per_epoch: int) -> int:
+    """The 0-based epoch the run ends in: the planned epochs, cut short by --max-steps."""
+    last = planned_epochs(config.train, per_epoch) - 1
+    if config.train.max_steps:
+        last = min(last, (config.train.max_steps - 1) // per_epoch)
+    return last
 
 
 def _timed(items: Iterator[Any]) -> Iterator[tuple[Any, float]]:
@@ -60,7 +101,7 @@ def _timed(items: Iterator[Any]) -> Iterator[tuple[Any, float]]:
         yield item, time.perf_counter() - started
 
 
-def inbox_stream(inbox: BatchBuffer) -> Iterator[tuple[Batch, float]]:
+def inbox_stream(inbox: Inbox) -> Iterator[tuple[Batch, float]]:
     """A downstream stage's input: whatever arrives in its inbox."""
     while True:
         yield inbox.get()

@@ -1,28 +1,41 @@
-"""The stage loop: take a batch, train (or score) this stage's modules on it, pass it on."""
+"""The stage loop: take a batch, train (or score) this stage's modules on it, pass it on.
+
+The same loop runs a pipeline stage (its input from the inbox, its output to the outbox)
+and the one-process lock-step regimes (all modules, the schedule as input, no outbox).
+"""
 
 from __future__ import annotations
 
 import logging
-import resource
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
 
+from trgl_dist.metrics.records import (
+    EndRecord,
+    EpochRecord,
+    EvalTally,
+    Record,
+    StageRecord,
+    TrainRecord,
+)
 from trgl_dist.training.items import Batch, Kind
-from trgl_dist.training.learner import ModuleLearner
+from trgl_dist.training.learner import ModuleLearner, Trainer, chain
+from trgl_dist.training.memory import MIB, cuda_peak_mb, peak_rss_mb, state_bytes
 
 log = logging.getLogger(__name__)
-Send = Callable[[dict[str, Any]], Any]
-Save = Callable[[int, int], None]  # (step, epoch): write this stage's checkpoint of that step
+Send = Callable[[Record], Any]
+SaveStage = Callable[[int, int], None]  # (step, epoch): write this stage's checkpoint of that step
 STAGE_RECORD_SECONDS = 2.0
 FORWARDED_MEMORY = 1024  # far more than any buffer holds, so a replayed step is always known
 
 
 class Buffer(Protocol):
-    """What the stage needs of its inbox and outbox (runtime.buffer.Buffer is one)."""
+    """What the stage needs of its inbox and outbox (runtime.buffer.BatchBuffer is one)."""
 
     @property
     def depth(self) -> int: ...
@@ -44,6 +57,34 @@ def stage_modules(num_modules: int, world_size: int, stage: int) -> range:
     return range(start, start + base + (1 if stage < extra else 0))
 
 
+def score_batch(
+    learners: Sequence[ModuleLearner],
+    scored: Sequence[int],
+    tally: EvalTally,
+    x: torch.Tensor,
+    y: torch.Tensor,
+) -> torch.Tensor:
+    """Eval-mode pass of ``learners`` on one test batch; the modules at positions ``scored``
+    add to ``tally``. Returns the last module's output."""
+    h = x
+    for i, learner in enumerate(learners):
+        h, correct, loss = learner.eval_step(h, y)
+        if i in scored:
+            tally.add(list(scored).index(i), correct, loss)
+    tally.samples += len(y)
+    return h
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    """When a stage reports and saves, and where a resumed one starts."""
+
+    log_every: int = 20  # a train record per module every this many steps
+    checkpoint_every: int = 0  # steps; 0: only at each epoch's end
+    start_step: int = 0  # resumed: the checkpoint's step
+    steps_per_epoch: int = 1
+
+
 @dataclass
 class StageClock:
     """Where a stage's time goes: busy computing, waiting for input, waiting to pass output on."""
@@ -56,21 +97,14 @@ class StageClock:
     started: float = field(default_factory=time.perf_counter)
 
 
-@dataclass
-class EvalTally:
-    """Test-set counts of one epoch, per module of the stage."""
-
-    correct: list[torch.Tensor]
-    loss: list[torch.Tensor]
-    samples: int = 0
-    epoch: int = -1
-
-
 class StageWorker:
     """Runs one stage until the END message; every module keeps its own optimizer.
 
-    ``source`` yields this stage's input batches: the data stream on stage 0, the inbox
-    otherwise. ``outbox`` is None on the last stage, whose output is dropped.
+    ``source`` yields this stage's input batches: the schedule on stage 0, the inbox
+    otherwise. ``outbox`` is None on the last stage, whose output is dropped. ``trainer``
+    trains the stage's modules on one batch (module-wise by default); ``scored`` are the
+    positions, among ``learners``, of the modules whose test score is recorded (all by
+    default).
     """
 
     def __init__(
@@ -80,28 +114,31 @@ class StageWorker:
         source: Iterator[tuple[Batch, float]],
         outbox: Buffer | None,
         send: Send,
+        plan: StagePlan,
         *,
-        log_every: int,
         device: torch.device,
+        rank: int | None = None,
+        trainer: Trainer | None = None,
+        scored: Sequence[int] | None = None,
         inbox: Buffer | None = None,
         links: Sequence[Any] = (),
-        save: Save | None = None,
-        checkpoint_every: int = 0,
-        start_step: int = 0,
-        steps_per_epoch: int = 1,
+        save: SaveStage | None = None,
     ):
         self.stage, self.learners, self.source, self.outbox = stage, list(learners), source, outbox
-        self.send, self.log_every, self.device, self.inbox = send, log_every, device, inbox
+        self.send, self.plan, self.device, self.inbox = send, plan, device, inbox
+        self.rank = stage if rank is None else rank
+        self.trainer = trainer or chain(self.learners)
+        self.scored = list(range(len(self.learners)) if scored is None else scored)
         self.links = links  # the Receiver/Sender threads, for their transfer statistics
-        self.save, self.checkpoint_every = save, checkpoint_every
-        self.saved_step = start_step
+        self.save = save
+        self.saved_step = plan.start_step
         self.clock = StageClock()
         self.tally = self._new_tally(-1)
         self.forwarded: set[int] = set()  # replay: pass each train batch on once, at first use
         # A resumed stage continues inside the epoch of its checkpoint's last step.
-        self.last_epoch = max(start_step - 1, 0) // steps_per_epoch
+        self.last_epoch = max(plan.start_step - 1, 0) // plan.steps_per_epoch
         self.epoch_started = time.perf_counter()
-        self.step = start_step
+        self.step = plan.start_step
         self.peak_buffer_bytes = 0
         self._next_record = time.perf_counter() + STAGE_RECORD_SECONDS
 
@@ -120,21 +157,21 @@ class StageWorker:
             if out is not None:
                 self._pass_on(out)
             self._maybe_record()
-        raise RuntimeError(f"stage {self.stage + 1}: input ended without an END message")
+        raise RuntimeError(f"stage {self.stage}: input ended without an END message")
 
     def _train(self, batch: Batch) -> Batch | None:
         assert batch.x is not None and batch.y is not None
         if batch.epoch != self.last_epoch:
+            self._checkpoint()  # the epoch's end, when no test pass marked it
             self._epoch_done()
             self.last_epoch = batch.epoch
-        h, y = batch.x.to(self.device), batch.y.to(self.device)
+        h = self.trainer(batch.x.to(self.device), batch.y.to(self.device))
         for learner in self.learners:
-            h = learner.train_step(h, y)
-            if learner.steps % self.log_every == 0:
-                self._record_train(learner, batch)
-        self.clock.samples += len(y)
+            if learner.meter.steps and learner.steps % self.plan.log_every == 0:
+                self._record_train(learner)
+        self.clock.samples += len(batch.y)
         self.step = batch.step
-        if self.checkpoint_every and batch.step % self.checkpoint_every == 0:
+        if self.plan.checkpoint_every and batch.step % self.plan.checkpoint_every == 0:
             self._checkpoint()
         if batch.step in self.forwarded:
             return None  # a replayed batch: downstream already has it
@@ -148,21 +185,23 @@ class StageWorker:
         if self.tally.epoch != batch.epoch:  # the epoch's test pass begins: checkpoint first
             self._checkpoint()
             self.tally = self._new_tally(batch.epoch)
-        h, y = batch.x.to(self.device), batch.y.to(self.device)
-        for i, learner in enumerate(self.learners):
-            h, correct, loss = learner.eval_step(h, y)
-            self.tally.correct[i] += correct
-            self.tally.loss[i] += loss
-        self.tally.samples += len(y)
+        h = score_batch(self.learners, self.scored, self.tally, batch.x.to(self.device),
+                        batch.y.to(self.device))
         return Batch(Kind.EVAL, batch.step, batch.epoch, h, batch.y, batch.ids)
 
     def _checkpoint(self) -> None:
         """Save the state after this stage's last train step (once per step). Every stage
-        saves the same step numbers, so the files form a consistent cut of the pipeline."""
+        saves the same step numbers, so the files form a consistent cut of the pipeline.
+        A module whose loss went NaN or inf stops the stage before anything is written."""
         if self.save is None or self.step == self.saved_step:
             return
+        self._check_finite()
         self.save(self.step, self.last_epoch)
         self.saved_step = self.step
+
+    def _check_finite(self) -> None:
+        for learner in self.learners:
+            learner.guard.check(learner.index)
 
     def _pass_on(self, batch: Batch) -> None:
         if self.outbox is None:
@@ -175,81 +214,76 @@ class StageWorker:
         return sum(b.depth + 1 for b in (self.inbox, self.outbox) if b is not None)
 
     def _new_tally(self, epoch: int) -> EvalTally:
-        zeros = [torch.zeros((), device=self.device) for _ in self.learners]
-        return EvalTally(zeros, [z.clone() for z in zeros], 0, epoch)
+        modules = [self.learners[i].index for i in self.scored]
+        return EvalTally(modules, epoch)
 
     def _flush_eval(self) -> None:
         """The test pass of an epoch is complete once anything else arrives."""
-        tally = self.tally
-        if tally.samples == 0:
+        if self.tally.samples == 0:
             return
-        for i, learner in enumerate(self.learners):
-            self.send(
-                {
-                    "kind": "eval",
-                    "step": learner.steps,
-                    "epoch": tally.epoch,
-                    "module": learner.index,
-                    "stage": self.stage,
-                    "accuracy": tally.correct[i].item() / tally.samples,
-                    "loss": tally.loss[i].item() / tally.samples,
-                    "samples": tally.samples,
-                }
-            )
+        steps = [self.learners[i].steps for i in self.scored]
+        for rec in self.tally.records(steps, self.stage):
+            self.send(rec)
         self.tally = self._new_tally(-1)
 
     def _epoch_done(self) -> None:
         for learner in self.learners:
-            self._record_train(learner, None)
-            learner.scheduler.step()
+            self._record_train(learner)
+        # Once per schedule: e2e's modules share one optimizer and its schedule.
+        schedules = {id(lr.scheduler): lr.scheduler for lr in self.learners}
+        with warnings.catch_warnings():
+            # A resumed run's first epoch boundary comes before its first optimizer step:
+            # torch warns, but the epoch did end and the schedule must move on.
+            warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step", UserWarning)
+            for schedule in schedules.values():
+                schedule.step()
         if self.stage == 0:
             now = time.perf_counter()
             self.send(
-                {
-                    "kind": "epoch",
-                    "step": self.step,
-                    "epoch": self.last_epoch,
-                    "seconds": now - self.epoch_started,
-                }
+                EpochRecord(
+                    step=self.step, epoch=self.last_epoch, stage=0, seconds=now - self.epoch_started
+                )
             )
             self.epoch_started = now
 
-    def _record_train(self, learner: ModuleLearner, batch: Batch | None) -> None:
+    def _record_train(self, learner: ModuleLearner) -> None:
+        learner.guard.check(learner.index)
         if learner.meter.steps == 0:
             return
-        epoch = batch.epoch if batch is not None else self.last_epoch
         self.send(
-            {
-                "kind": "train",
-                "step": learner.steps,
-                "epoch": epoch,
-                "module": learner.index,
-                "stage": self.stage,
+            TrainRecord(
+                step=learner.steps,
+                epoch=self.last_epoch,
+                module=learner.index,
+                stage=self.stage,
                 **learner.log_fields(),
-            }
+            )
         )
 
     def _maybe_record(self) -> None:
         if time.perf_counter() >= self._next_record:
-            self.send({"kind": "stage", **self.totals()})
+            self.send(StageRecord(**self.totals()))
             self._next_record = time.perf_counter() + STAGE_RECORD_SECONDS
 
     def _finish(self, end: Batch) -> None:
+        self._checkpoint()
         self._epoch_done()
         if self.outbox is not None:
             self.clock.wait_out += self.outbox.put(end)
-        self.send({"kind": "end", **self.totals()})
+        self.send(EndRecord(**self.totals()))
 
     def totals(self) -> dict[str, Any]:
-        """Cumulative timing, throughput and memory of this stage."""
+        """Cumulative timing, throughput, transfers and memory of this stage."""
         c = self.clock
         elapsed = time.perf_counter() - c.started
         staleness = self.inbox.stats().get("mean_staleness") if self.inbox else None
+        link_stats = {key: value for link in self.links for key, value in link.stats().items()}
         return {
             "step": self.step,
             "epoch": self.last_epoch,
             "stage": self.stage,
-            "modules": [learner.index for learner in self.learners],
+            "rank": self.rank,
+            "modules": tuple(learner.index for learner in self.learners),
             "busy_s": c.busy,
             "wait_in_s": c.wait_in,
             "wait_out_s": c.wait_out,
@@ -258,44 +292,8 @@ class StageWorker:
             "inbox_depth": self.inbox.depth if self.inbox else 0,
             "bytes_sent": c.bytes_sent,
             "staleness_mean": staleness,
-            **self.memory(),
-            **{key: value for link in self.links for key, value in link.stats().items()},
-        }
-
-    def memory(self) -> dict[str, float]:
-        """Peak memory: the allocator's peak on GPU; on CPU the peak RSS, plus the
-        tensor-accounted peak (parameters, gradients, optimizer state, buffered batches)."""
-        state = sum(
-            t.numel() * t.element_size()
-            for learner in self.learners
-            for t in _state_tensors(learner)
-        )
-        out = {
             "peak_rss_mb": peak_rss_mb(),
-            "peak_tensor_mb": (state + self.peak_buffer_bytes) / 2**20,
+            "peak_tensor_mb": (state_bytes(self.learners) + self.peak_buffer_bytes) / MIB,
+            "cuda_peak_mb": cuda_peak_mb(self.device),
+            **link_stats,
         }
-        if self.device.type == "cuda":
-            out["cuda_peak_mb"] = torch.cuda.max_memory_allocated(self.device) / 2**20
-        return out
-
-
-def _state_tensors(learner: ModuleLearner) -> Iterator[torch.Tensor]:
-    for p in learner.module.parameters():
-        yield p
-        if p.grad is not None:
-            yield p.grad
-    for state in learner.optimizer.state.values():
-        yield from (v for v in state.values() if isinstance(v, torch.Tensor))
-
-
-def peak_rss_mb() -> float:
-    """This process's peak resident memory. VmHWM, not ru_maxrss: Linux carries ru_maxrss
-    over fork and exec, so a torchrun worker would report at least its launcher's peak."""
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -10,14 +10,19 @@ from typing import Any
 from trgl_dist.checkpoints import files as ckpt
 from trgl_dist.checkpoints import manifest as layout
 from trgl_dist.config import Config
+from trgl_dist.errors import CheckpointError, first_line
+from trgl_dist.network.models import InputSpec
 from trgl_dist.training.learner import ModuleLearner
 
 log = logging.getLogger(__name__)
-Save = Callable[[int, dict[str, Any]], None]
+#: save(step, position): write a checkpoint; position is what a resumed run needs beyond step
+SaveCheckpoint = Callable[[int, dict[str, Any]], None]
 
 
-def run_meta(config: Config, counts: Sequence[int], stages: int) -> dict[str, Any]:
-    """What a checkpoint must agree on with the run that resumes it."""
+def run_meta(
+    config: Config, counts: Sequence[int], spec: InputSpec, stages: int
+) -> dict[str, Any]:
+    """What a checkpoint must agree on with the run that resumes it (and what export reads)."""
     return {
         "model": config.model.name,
         "modules": config.model.modules,
@@ -25,6 +30,8 @@ def run_meta(config: Config, counts: Sequence[int], stages: int) -> dict[str, An
         "regime": config.train.regime,
         "stages": stages,
         "dataset": config.data.dataset,
+        "input": [spec.channels, spec.size, spec.size],
+        "num_classes": spec.num_classes,
     }
 
 
@@ -39,7 +46,7 @@ def stage_state(learners: Sequence[ModuleLearner], step: int, position: dict[str
 
 def single_process_saver(
     run_dir: Path, learners: Sequence[ModuleLearner], meta: dict[str, Any], keep: int
-) -> Save:
+) -> SaveCheckpoint:
     """save(step, position) for the one-process regimes: the stage file, then the manifest."""
     saved: set[int] = set()
 
@@ -60,22 +67,22 @@ def restore(
     returns (step, position). Any mismatch raises CheckpointError with one line."""
     found = layout.latest(run_dir)
     if found is None:
-        raise layout.CheckpointError(f"{run_dir}: no complete checkpoint to resume from")
+        raise CheckpointError(f"{run_dir}: no complete checkpoint to resume from")
     step, manifest = found
     layout.check_compatible(manifest, meta)
     state = ckpt.load_stage(run_dir, step, stage)
     for learner in learners:
         saved = state["learners"].get(str(learner.index))
         if saved is None:
-            raise layout.CheckpointError(
+            raise CheckpointError(
                 f"checkpoint step {step} has no module {learner.index + 1}"
             )
         try:
             learner.load_state_dict(saved)
         except (RuntimeError, KeyError, ValueError) as err:
-            first = str(err).splitlines()[0]
-            raise layout.CheckpointError(
-                f"checkpoint step {step}, module {learner.index + 1}: does not fit ({first})"
+            raise CheckpointError(
+                f"checkpoint step {step}, module {learner.index + 1}: "
+                f"does not fit ({first_line(err)})"
             ) from None
     ckpt.restore_rng(state["rng"])
     log.info("resuming from checkpoint step %d", step)

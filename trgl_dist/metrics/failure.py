@@ -1,0 +1,66 @@
+"""How a run ended badly: the root cause among the ranks' reports, in one line for people."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from trgl_dist.metrics.records import EndRecord, ErrorRecord, Record, of_kind
+
+
+@dataclass(frozen=True)
+class Failure:
+    """The "failure" entry of summary.json; ``description`` is the one line shown to people."""
+
+    stage: int | None
+    rank: int | None
+    cause: str
+    description: str
+    message: str = ""
+    reported_by: list[int] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["message"] = self.message or self.description
+        return out
+
+
+def reporters(records: Sequence[Record]) -> set[int]:
+    """The ranks that said how they ended: an error or an end record."""
+    ended = {r.rank for r in of_kind(records, EndRecord)}
+    return ended | {r.rank for r in of_kind(records, ErrorRecord)}
+
+
+def diagnose_failure(records: Sequence[Record], world_size: int | None = None) -> Failure | None:
+    """The root cause among the error records, or None when there is none.
+
+    A raised exception is the cause. Otherwise the rank that died is one that never
+    reported (neither error nor end): first one named in "peer-lost" reports, else, when
+    ``world_size`` is known, any silent rank. Ranks stopped by a signal ("interrupted",
+    e.g. the launcher's SIGTERM after another rank died) are never the cause if another is
+    found.
+    """
+    errors: list[ErrorRecord] = of_kind(records, ErrorRecord)
+    if not errors:
+        return None
+    for err in errors:
+        if err.cause == "exception":
+            description = f"stage {err.stage} (rank {err.rank}) raised: {err.message}"
+            return Failure(err.stage, err.rank, "exception", description, err.message)
+    reported = reporters(records)
+    silent = Counter(
+        e.peer
+        for e in errors
+        if e.cause == "peer-lost" and e.peer is not None and e.peer not in reported
+    )
+    if not silent and world_size is not None:
+        silent.update(rank for rank in range(world_size) if rank not in reported)
+    if silent:
+        dead = silent.most_common(1)[0][0]
+        description = f"stage {dead} (rank {dead}) died without reporting (killed?)"
+        return Failure(dead, dead, "died", description, reported_by=sorted(e.rank for e in errors))
+    first = next((e for e in errors if e.cause != "interrupted"), errors[0])
+    description = f"stage {first.stage} (rank {first.rank}) {first.cause}: {first.message}"
+    return Failure(first.stage, first.rank, first.cause, description, first.message)

@@ -1,0 +1,132 @@
+"""summary.json: per-module accuracies, the best module, epoch times, and per-stage figures."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from trgl_dist.metrics.failure import Failure
+from trgl_dist.metrics.records import (
+    EndRecord,
+    EpochRecord,
+    EvalRecord,
+    Record,
+    TrainRecord,
+    of_kind,
+)
+from trgl_dist.rundir import SUMMARY_FILE
+
+
+def module_summaries(records: Sequence[Record], num_modules: int) -> list[dict[str, Any]]:
+    accuracies: dict[int, list[float]] = {k: [] for k in range(num_modules)}
+    for rec in of_kind(records, EvalRecord):
+        if rec.module in accuracies:
+            accuracies[rec.module].append(rec.accuracy)
+    return [
+        {
+            "module": k,
+            "test_accuracy": accs[-1] if accs else None,
+            "best_test_accuracy": max(accs) if accs else None,
+        }
+        for k, accs in accuracies.items()
+    ]
+
+
+def stage_summaries(records: Sequence[Record]) -> list[dict[str, Any]]:
+    """One entry per stage, from its last end record (a resumed run ends more than once)."""
+    last_end: dict[int, EndRecord] = {r.stage: r for r in of_kind(records, EndRecord)}
+    stages = []
+    for stage, end in sorted(last_end.items()):
+        total = end.busy_s + end.wait_in_s + end.wait_out_s or 1.0  # all zero: shares are 0
+        stages.append(
+            {
+                "stage": stage,
+                "modules": list(end.modules),
+                "busy": end.busy_s / total,
+                "wait": (end.wait_in_s + end.wait_out_s) / total,
+                "wait_in": end.wait_in_s / total,
+                "wait_out": end.wait_out_s / total,
+                "samples_per_s": end.samples_per_s,
+                "peak_rss_mb": end.peak_rss_mb,
+                "peak_tensor_mb": end.peak_tensor_mb,
+                "cuda_peak_mb": end.cuda_peak_mb,
+                "bytes_sent": end.bytes_sent,
+                "staleness_mean": end.staleness_mean,
+            }
+        )
+    return stages
+
+
+def epoch_times(records: Sequence[Record]) -> list[float]:
+    # Last record wins per epoch: a resumed run may repeat the epoch it was stopped in.
+    seconds = {r.epoch: r.seconds for r in of_kind(records, EpochRecord)}
+    return [seconds[epoch] for epoch in sorted(seconds)]
+
+
+def overall_samples_per_s(
+    records: Sequence[Record], stages: list[dict[str, Any]], times: list[float]
+) -> float | None:
+    """Runs with a stage clock: the slowest stage. Else data samples per second of epoch time."""
+    stage_rates = [s["samples_per_s"] for s in stages]
+    if stage_rates:
+        return float(min(stage_rates))
+    # Per epoch, the module that trained most saw the data pass (sequential trains one at a time).
+    per_epoch_module: Counter[tuple[int, int]] = Counter()
+    for rec in of_kind(records, TrainRecord):
+        per_epoch_module[(rec.epoch, rec.module)] += rec.samples
+    per_epoch: dict[int, float] = {}
+    for (epoch, _module), samples in per_epoch_module.items():
+        per_epoch[epoch] = max(per_epoch.get(epoch, 0), samples)
+    total_seconds = sum(times)
+    if total_seconds <= 0 or not per_epoch:
+        return None
+    return sum(per_epoch.values()) / total_seconds
+
+
+def summarize(
+    records: Sequence[Record],
+    *,
+    regime: str,
+    num_modules: int,
+    failure: Failure | None = None,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The content of summary.json; keys of ``extra`` are added last and win."""
+    modules = module_summaries(records, num_modules)
+    finals = [(m["test_accuracy"], m["module"]) for m in modules if m["test_accuracy"] is not None]
+    # max() keeps the first of equals: on a tie the shallower, cheaper module wins.
+    best = max(finals, key=lambda pair: pair[0]) if finals else (None, None)
+    stages = stage_summaries(records)
+    times = epoch_times(records)
+    summary: dict[str, Any] = {
+        "regime": regime,
+        "num_modules": num_modules,
+        "modules": modules,
+        "last_module_accuracy": modules[-1]["test_accuracy"] if modules else None,
+        "best_module": best[1],
+        "best_module_accuracy": best[0],
+        "epoch_times": times,
+        "samples_per_s": overall_samples_per_s(records, stages, times),
+        "stages": stages,
+        "failure": failure.as_dict() if failure is not None else None,
+    }
+    summary.update(extra or {})
+    return summary
+
+
+def write_summary(run_dir: Path, summary: dict[str, Any]) -> None:
+    """Write summary.json atomically: readers see the old file or the new one, never half."""
+    path = Path(run_dir) / SUMMARY_FILE
+    tmp = path.with_name(f".{SUMMARY_FILE}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8") as out:
+            out.write(json.dumps(summary, indent=2) + "\n")
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

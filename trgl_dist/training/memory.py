@@ -1,0 +1,52 @@
+"""Peak memory of a stage: the allocator's on GPU; on CPU the peak RSS and a tensor account."""
+
+from __future__ import annotations
+
+import resource
+from collections.abc import Iterator, Sequence
+
+import torch
+
+from trgl_dist.training.learner import ModuleLearner
+
+MIB = 2**20
+
+
+def state_bytes(learners: Sequence[ModuleLearner]) -> int:
+    """Bytes of the parameters, gradients and optimizer state of ``learners``."""
+    return sum(t.numel() * t.element_size() for lr in learners for t in _state_tensors(lr))
+
+
+def _state_tensors(learner: ModuleLearner) -> Iterator[torch.Tensor]:
+    for p in learner.module.parameters():
+        yield p
+        if p.grad is not None:
+            yield p.grad
+    for state in learner.optimizer.state.values():
+        yield from (v for v in state.values() if isinstance(v, torch.Tensor))
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory. VmHWM, not ru_maxrss: Linux carries ru_maxrss
+    over fork and exec, so a torchrun worker would report at least its launcher's peak."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def cuda_peak_mb(device: torch.device) -> float | None:
+    """The CUDA allocator's peak since the last reset on ``device`` (None off GPU)."""
+    if device.type != "cuda":
+        return None
+    return torch.cuda.max_memory_allocated(device) / MIB
+
+
+def reset_cuda_peak(device: torch.device) -> None:
+    """Start a new peak window (each epoch's peak is then its own)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
