@@ -1,12 +1,16 @@
-"""What the memory and overhead benchmarks share: the network setting they build with
-trgl_dist, the description of the machine, and copying generated markdown into a README."""
+"""What the benchmarks share: copying generated markdown into a README (all of them); for
+the memory and overhead benchmarks also the network setting they build with trgl_dist, the
+command line and main of their run.py, the description of the machine and markdown tables."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import platform
 import sys
+import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -75,17 +79,73 @@ def environment(script: str, **extra: Any) -> dict[str, Any]:
     }
 
 
-def splice_readme(readme: Path, markdown: str) -> None:
-    """Put ``markdown`` between the README's results markers, verbatim."""
-    if not readme.exists():
+def environment_lines(env: dict[str, Any]) -> str:
+    """Machine, versions and the exact command, from the results file."""
+    return (
+        f"Machine: {env['cpu_model']}, {env['cpus']} CPUs, {env.get('memory_gib', '?')} GiB, "
+        f"{env['platform']}, {env['libc']}. Python {env['python']}, torch {env['torch']}, "
+        f"torchvision {env['torchvision']}. Command: `{env['command']}`\n"
+    )
+
+
+def markdown_table(header: str, rows: Iterable[Sequence[str]]) -> str:
+    """A markdown table, one line per row, ending in a newline. ``header``: the column
+    names, separated by `` | `` as in the table."""
+    columns = len(header.split(" | "))
+    head = f"| {header} |\n" + "|---" * columns + "|\n"
+    return head + "\n".join("| " + " | ".join(row) + " |" for row in rows) + "\n"
+
+
+def script_parser(doc: str, folder: Path, *, size: int, quick: str) -> argparse.ArgumentParser:
+    """The flags every run.py here shares: the preset, the network setting, the K values,
+    where to write, and --render."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--quick", action="store_true", help=quick)
+    p.add_argument("--model", default="resnet110")
+    p.add_argument("--size", type=int, default=size, help="input side (3 x size x size)")
+    p.add_argument("--width", type=int, default=0, help="0: the model's default width")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--modules", type=int, nargs="+", default=[2, 4, 8, 16])
+    p.add_argument("--out", type=Path, default=folder / "results")
+    p.add_argument("--render", type=Path, help="only rewrite the markdown of this results JSON")
+    return p
+
+
+def run_script(
+    args: argparse.Namespace,
+    folder: Path,
+    name: str,
+    measure: Callable[[argparse.Namespace], dict[str, Any]],
+    report: Callable[[dict[str, Any]], str],
+) -> None:
+    """A run.py's main: with --render, only the markdown of that results JSON; else
+    ``measure`` (timed) into OUT/NAME.json and .md (``NAME_quick`` with --quick)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    if args.render:
+        results = json.loads(args.render.read_text())
+        write_outputs(results, report(results), args.render.parent, args.render.stem, folder, name)
         return
+    started = time.perf_counter()
+    results = measure(args)
+    results["seconds"] = time.perf_counter() - started
+    stem = f"{name}_quick" if args.quick else name
+    write_outputs(results, report(results), args.out, stem, folder, name)
+    log.info("wrote %s in %.0f s", args.out / f"{stem}.md", results["seconds"])
+
+
+def splice_readme(readme: Path, markdown: str, begin: str = BEGIN, end: str = END) -> bool:
+    """Put ``markdown`` between the README's markers ``begin`` and ``end``, verbatim.
+    False, the README left as it is, when it or its markers are missing."""
+    if not readme.is_file():
+        return False
     text = readme.read_text()
-    if BEGIN not in text or END not in text:
-        log.warning("%s has no results markers; left as it is", readme)
-        return
-    head, rest = text.split(BEGIN, 1)
-    tail = rest.split(END, 1)[1]
-    readme.write_text(f"{head}{BEGIN}\n{markdown}{END}{tail}")
+    if begin not in text or end not in text:
+        log.warning("%s has no %s markers; left as it is", readme, begin)
+        return False
+    head, rest = text.split(begin, 1)
+    tail = rest.split(end, 1)[1]
+    readme.write_text(f"{head}{begin}\n{markdown.rstrip()}\n{end}{tail}")
+    return True
 
 
 def write_outputs(

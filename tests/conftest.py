@@ -1,8 +1,16 @@
-"""Suite-wide settings: which tests are slow (``pytest -m "not slow"`` skips them)."""
+"""Suite-wide settings: NCCL's device rules on CPU, and which tests are slow."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
+
+from trgl_dist.runtime import strict
+
+# Every process the tests start (spawned ranks, torchrun's workers) inherits this: a tensor
+# on a process group that NCCL would refuse fails the test here, not first on a GPU.
+os.environ[strict.ENV] = "1"
 
 #: Files whose every test starts real processes or trains for seconds: the slow ones.
 SLOW_FILES = {

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from trgl_dist.runtime import topology as topo
+from trgl_dist.runtime.planes import warm_links
 
 
 @dataclass
@@ -150,7 +151,8 @@ def _worker_main(
     torch.set_num_threads(1)
     value, error = None, ""
     try:
-        topology = topo.init_distributed(timeout_s=120.0, init_method=init_method)
+        topology = topo.init_distributed(link_timeout_s=120.0, init_method=init_method)
+        warm_links(topology)  # as a pipeline rank does before its link threads start
         _ready_path(workdir, rank).touch()
         value = fn(topology, *args, **kw)
     except BaseException:  # noqa: BLE001 - the parent wants the text of any failure

@@ -11,6 +11,7 @@ from trgl_dist.data import build_datasets
 from trgl_dist.regimes import Context
 from trgl_dist.training.build import build_network
 from trgl_dist.training.learner import build_learners
+from trgl_dist.training.schedule import DataFeed
 
 
 def small_config(**sections: dict) -> Config:
@@ -41,7 +42,8 @@ def make_context(config: Config, records: list | None = None) -> Context:
     learners = build_learners(config, modules)
     sink = records if records is not None else []
     torch.manual_seed(config.train.seed + 1)
-    return Context(config, learners, train_set, test_set, torch.device("cpu"), sink.append)
+    feed = DataFeed(config, train_set, test_set)
+    return Context(config, learners, feed, torch.device("cpu"), sink.append)
 
 
 def parameters(ctx: Context) -> list[torch.Tensor]:

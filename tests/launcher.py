@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import psutil
 
@@ -25,6 +26,19 @@ class Launch:
     output: str
     seen: set[int] = field(default_factory=set)  # pids of every descendant ever observed
     seconds: float = 0.0
+    stream: Any = None  # the output pipe, still open when the launch was not cleaned up
+
+    def kill_survivors(self) -> None:
+        for proc in self.survivors():
+            with contextlib.suppress(psutil.NoSuchProcess):
+                proc.kill()
+
+    def read_rest(self) -> str:
+        """The output so far plus what its orphaned processes wrote after the launcher died."""
+        if self.stream is not None:
+            self.output += self.stream.read().decode(errors="replace")
+            self.stream = None
+        return self.output
 
     def survivors(self) -> list[psutil.Process]:
         alive = []
@@ -44,9 +58,11 @@ def torchrun(
     *,
     deadline_s: float = 240,
     during: Callable[[psutil.Process, float], bool] | None = None,
+    kill_at_end: bool = True,
 ) -> Launch:
     """Run torchrun with ``args``; ``during(process, elapsed)`` is polled until it returns True
-    (e.g. to kill a rank). The whole process group is killed at the deadline and at the end."""
+    (e.g. to kill a rank). Every process it started is killed at the deadline, and at the
+    end unless ``kill_at_end`` is False (the test then checks they end by themselves)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     command = [*TORCHRUN, f"--nproc_per_node={nproc}", "-m", "trgl_dist.train", *args]
     started = time.monotonic()
@@ -63,10 +79,17 @@ def torchrun(
             time.sleep(0.1)
         if proc.poll() is None:
             raise TimeoutError(f"torchrun still running after {deadline_s} s")
+        seen |= {p.pid for p in _descendants(launcher)}
+        if not kill_at_end:
+            return Launch(proc.returncode, "", seen, time.monotonic() - started, proc.stdout)
         output = proc.stdout.read().decode(errors="replace") if proc.stdout else ""
         return Launch(proc.returncode, output, seen, time.monotonic() - started)
+    except BaseException:
+        kill_at_end = True
+        raise
     finally:
-        _kill_all(proc, seen)
+        if kill_at_end:
+            _kill_all(proc, seen)
 
 
 def _descendants(process: psutil.Process) -> list[psutil.Process]:

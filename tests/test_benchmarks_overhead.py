@@ -1,89 +1,44 @@
-"""The overhead benchmark end to end on a tiny model, and its in-graph baseline's exactness."""
+"""The overhead benchmark end to end on a tiny model, and its in-graph baseline's exactness
+over many steps (the loss itself: tests/test_method.py)."""
 
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 
-from trgl_dist.method import local_loss
+from trgl_dist.config import Config
+from trgl_dist.method import literal_local_loss, local_loss
 from trgl_dist.network.models import InputSpec, build_backbone
 from trgl_dist.network.modules import build_modules
+from trgl_dist.training.learner import ModuleLearner
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "overhead" / "run.py"
 TIMEOUT_S = 240
 
 
-def _load_graph_loss():
-    """By file path under a unique name: other benchmark folders have modules named alike."""
-    path = SCRIPT.parent / "graph_loss.py"
-    spec = importlib.util.spec_from_file_location("overhead_graph_loss", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.mark.parametrize("method", ["vanilla", "trgl", "multipliers"])
-@pytest.mark.parametrize("norm", ["mean", "sum"])
-def test_graph_loss_matches_the_package(method, norm):
-    """The baseline is a fair one: same loss value and same parameter gradients as
-    trgl_dist.method.local_loss (float64, so the comparison is not blurred by rounding)."""
-    graph_loss = _load_graph_loss()
-    torch.manual_seed(0)
-    spec = InputSpec(3, 8, 10)
-    backbone = build_backbone("resnet-small", spec, num_modules=2, width=4)
-    reference = build_modules(backbone, [5, 4], spec)[0].double()
-    candidate = copy.deepcopy(reference)
-    x = torch.randn(6, 3, 8, 8, dtype=torch.float64)
-    y = torch.randint(0, 10, (6,))
-    results = []
-    for module, loss_fn in ((reference, local_loss), (candidate, graph_loss.local_loss)):
-        out = module(x)
-        loss = loss_fn(
-            out.logits, y, out.residues, method=method, tau=0.3, multiplier=1.7,
-            transport_norm=norm,
-        )  # fmt: skip
-        loss.total.backward()
-        results.append((loss, [p.grad for p in module.parameters()]))
-    (want, want_grads), (got, got_grads) = results
-    torch.testing.assert_close(got.total, want.total)
-    torch.testing.assert_close(got.transport, want.transport)
-    for a, b in zip(got_grads, want_grads):
-        torch.testing.assert_close(a, b)
-
-
-def test_learner_trains_alike_with_both_losses_over_many_steps(monkeypatch):
+def test_learner_trains_alike_with_both_losses_over_many_steps():
     """A module trained for several steps (SGD with momentum, BatchNorm statistics) through
     ModuleLearner.train_step ends with the same parameters and running statistics whether
     the transport gradient comes from the hooks or from W in the graph (float64: rounding
-    aside, the two are one objective)."""
-    import trgl_dist.training.learner as learner_module
-    from trgl_dist.config import Config
-    from trgl_dist.training.learner import ModuleLearner
-
-    graph_loss = _load_graph_loss()
+    aside, the two are one objective), so the benchmark's baseline is a fair one."""
     torch.manual_seed(0)
     spec = InputSpec(3, 8, 10)
     backbone = build_backbone("resnet-small", spec, num_modules=2, width=4)
     initial = build_modules(backbone, [5, 4], spec)[0].double()
     config = Config().replace("model", name="resnet-small", modules=2, width=4)
     data = [
-        (torch.randn(8, 3, 8, 8, dtype=torch.float64), torch.randint(0, 10, (8,)))
-        for _ in range(6)
+        (torch.randn(8, 3, 8, 8, dtype=torch.float64), torch.randint(0, 10, (8,))) for _ in range(6)
     ]
     trained = []
-    for loss_fn in (local_loss, graph_loss.local_loss):
-        monkeypatch.setattr(learner_module, "local_loss", loss_fn)
+    for loss_fn in (local_loss, literal_local_loss):
         module = copy.deepcopy(initial)
-        learner = ModuleLearner(0, module, config, tau=0.05)
+        learner = ModuleLearner(0, module, config, tau=0.05, loss_fn=loss_fn)
         for x, y in data:
             learner.train_step(x, y)
         trained.append(module.state_dict())

@@ -65,8 +65,8 @@ from trgl_dist.metrics.collector import CoordinatorSettings, RunShape
 from trgl_dist.metrics.coordinator import CoordinatorJob, start_coordinator
 settings = CoordinatorSettings(grace_s=0.5, tensorboard=False)
 job = CoordinatorJob(Path(sys.argv[1]), RunShape(2, 2, "pipeline"), b"s" * 32)
-process, address = start_coordinator(job, settings)
-Path(sys.argv[2]).write_text(json.dumps({"pid": process.pid, "address": address}))
+process, addresses = start_coordinator(job, settings)
+Path(sys.argv[2]).write_text(json.dumps({"pid": process.pid, "address": addresses.records}))
 time.sleep(600)
 """
 
@@ -158,17 +158,22 @@ def coordinators() -> Iterator[list[Any]]:
         stop_coordinator(process, timeout_s=0)
 
 
+watches: list[str] = []  # the broadcast address of each coordinator started by ``start``
+
+
 def start(
     run_dir: Path,
     started: list[Any],
     world_size: int,
     settings: CoordinatorSettings = FAST,
+    silence_timeout_s: float | None = None,
     **job: Any,
 ) -> str:
-    shape = RunShape(world_size, 2 * world_size, "pipeline")
-    process, address = start_coordinator(CoordinatorJob(run_dir, shape, SECRET, **job), settings)
+    shape = RunShape(world_size, 2 * world_size, "pipeline", silence_timeout_s)
+    process, addresses = start_coordinator(CoordinatorJob(run_dir, shape, SECRET, **job), settings)
     started.append(process)
-    return address
+    watches.append(addresses.watch)
+    return addresses.records
 
 
 def exit_code(started: list[Any]) -> int | None:
@@ -389,3 +394,35 @@ def test_a_wildcard_bind_is_reached_through_the_given_host() -> None:
     assert _connect_address("tcp://0.0.0.0:5555", "node0") == "tcp://node0:5555"
     assert _connect_address("tcp://0.0.0.0:5555", None) == "tcp://127.0.0.1:5555"
     assert _connect_address("tcp://10.0.0.7:5555", "node0") == "tcp://10.0.0.7:5555"
+
+
+def test_a_silent_rank_is_frozen_and_every_rank_is_told_to_abort(
+    tmp_path: Path, coordinators: list[Any], capfd: pytest.CaptureFixture[str]
+) -> None:
+    address = start(tmp_path, coordinators, world_size=2, silence_timeout_s=2.0)
+    context = zmq.Context()
+    try:
+        listener = context.socket(zmq.SUB)
+        listener.setsockopt(zmq.SUBSCRIBE, b"")
+        listener.connect(watches[-1])
+        client = MetricsClient(address, rank=0, secret=SECRET)
+        heard: list[list[bytes]] = []
+        deadline = time.monotonic() + DEADLINE_S
+        # Rank 0 keeps beating; rank 1 never says anything.
+        while coordinators[-1].is_alive() and time.monotonic() < deadline:
+            client.heartbeat()
+            if listener.poll(200):
+                heard.append(listener.recv_multipart())
+        client.close()
+        while listener.poll(500):
+            heard.append(listener.recv_multipart())
+    finally:
+        context.destroy(linger=0)
+    assert exit_code(coordinators) == 1
+    failure = summary_of(tmp_path)["failure"]
+    assert (failure["rank"], failure["cause"]) == (1, "frozen")
+    assert [b"alive"] in heard
+    (abort,) = [frames for frames in heard if frames[0] == b"abort"]
+    assert abort[2:] == [b"1", b"frozen"] and b"stopped responding" in abort[1]
+    line = "trgl_dist: training failed: stage 1 (rank 1) stopped responding: nothing heard"
+    assert any(x.startswith(line) for x in capfd.readouterr().err.splitlines())

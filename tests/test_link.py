@@ -14,8 +14,10 @@ import torch
 from tests.distributed import kill_self, run_workers
 from trgl_dist.runtime.buffer import BatchBuffer, BufferClosed
 from trgl_dist.runtime.link import PeerFailure, Receiver, Sender
+from trgl_dist.runtime.planes import LinkEnd
+from trgl_dist.runtime.streams import DeviceStreams
 from trgl_dist.runtime.topology import Topology
-from trgl_dist.runtime.wire import wire_bytes
+from trgl_dist.runtime.wire import WireFormat, wire_bytes
 from trgl_dist.training.items import Batch, Kind
 
 WAIT_S = 40.0  # bound on states that must come; a bug fails the test instead of hanging it
@@ -30,18 +32,28 @@ def end(step: int, message: str = "") -> Batch:
     return Batch(Kind.END, step, 0, None, None, None, message)
 
 
+WIRE = WireFormat(max_labels=3)
+
+
 def receiver(topology: Topology, capacity: int) -> tuple[Receiver, BatchBuffer]:
-    assert topology.prev_rank is not None
     inbox = BatchBuffer(capacity)
-    thread = Receiver(topology.prev_rank, topology.inbound_group(), topology.device, inbox)
+    streams = DeviceStreams(topology.device)
+    thread = Receiver(LinkEnd(topology.inbound_link(), WIRE, topology.device, streams), inbox)
     thread.start()
     return thread, inbox
 
 
+class Outbox(BatchBuffer):
+    """An outbox that hands batches off as a stage's compute thread does."""
+
+    def put(self, batch: Batch) -> float:
+        return super().put(DeviceStreams(torch.device("cpu")).handoff(batch))
+
+
 def sender(topology: Topology, capacity: int) -> tuple[Sender, BatchBuffer]:
-    assert topology.next_rank is not None
-    outbox = BatchBuffer(capacity)
-    thread = Sender(topology.next_rank, topology.outbound_group(), topology.device, outbox)
+    outbox = Outbox(capacity)
+    streams = DeviceStreams(topology.device)
+    thread = Sender(LinkEnd(topology.outbound_link(), WIRE, topology.device, streams), outbox)
     thread.start()
     return thread, outbox
 
@@ -126,7 +138,8 @@ def test_chain_delivers_in_order_with_bounded_buffers(tmp_path: Path) -> None:
     assert first["outbox"]["max_depth"] <= capacity
     assert last["inbox"]["max_depth"] <= capacity
     assert first["outbox"]["puts"] == first["link"]["batches_sent"] == num_batches + 1
-    sent_bytes = sum(wire_bytes(train(s)) for s in range(num_batches)) + wire_bytes(end(0, "bye"))
+    sent_bytes = sum(wire_bytes(train(s), WIRE) for s in range(num_batches))
+    sent_bytes += wire_bytes(end(0, "bye"), WIRE)
     assert first["link"]["bytes_sent"] == middle["link"]["bytes_received"] == sent_bytes
     assert middle["out"]["bytes_sent"] == last["link"]["bytes_received"] == sent_bytes
     assert first["error"] == middle["error"] == "None"
@@ -181,7 +194,7 @@ def test_dead_peer_makes_every_survivor_raise_peer_failure() -> None:
 
 def test_sender_refuses_a_replay_outbox() -> None:
     with pytest.raises(ValueError, match="fifo"):
-        Sender(1, None, torch.device("cpu"), BatchBuffer(2, "replay", 2))  # type: ignore[arg-type]
+        Sender(None, BatchBuffer(2, "replay", 2))  # type: ignore[arg-type]
 
 
 def test_peer_failure_names_the_peer_and_survives_pickling() -> None:

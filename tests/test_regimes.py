@@ -9,7 +9,6 @@ from tests.helpers import make_context, parameters, small_config, snapshot
 from trgl_dist.metrics.records import EndRecord, EpochRecord, EvalRecord, TrainRecord
 from trgl_dist.regimes import RUNNERS, sequential
 from trgl_dist.regimes.sequential import lap_epochs
-from trgl_dist.training.schedule import train_loader
 
 
 def _run(config):
@@ -56,7 +55,7 @@ def test_parallel_feeds_each_module_the_output_computed_before_the_update():
     manual = make_context(config)
     # Reference: run the same two batches by hand, computing module k's output with the
     # weights it had *before* its step on that batch.
-    for x, y, _ids in list(train_loader(config, manual.train_set, 0))[:2]:
+    for x, y, _ids in list(manual.feed.train_batches(0))[:2]:
         h = x
         for learner in manual.learners:
             with torch.no_grad():

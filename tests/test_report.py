@@ -118,3 +118,13 @@ def test_console_report_is_a_one_based_table_marking_the_best_module() -> None:
     assert lines[5].split() == ["4", "55.00%", "55.00%", "<-", "best"]
     assert lines[6].startswith("last module: 55.00%   best module: 4 (55.00%)")
     assert lines[7] == "stage 0 (modules 1-2): busy 88.89%, waiting 11.11%, peak RSS 300.0 MB"
+
+
+def test_the_cuda_peak_of_a_gpu_run_is_in_the_report_and_the_console(tmp_path: Path) -> None:
+    records = train_records(epochs=1) + [end(0, cuda_peak_mb=1536.0), end(1, cuda_peak_mb=512.0)]
+    summary = summarize(records, regime="pipeline", num_modules=NUM_MODULES)
+    write_report(tmp_path, records, summary)
+    text = (tmp_path / "report.md").read_text()
+    assert "| CUDA peak (MB) |" in text and "| 1536.0 |" in text
+    console = format_console_report(summary).splitlines()
+    assert console[-2].endswith("peak RSS 100.0 MB, CUDA peak 1536.0 MB")

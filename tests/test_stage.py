@@ -30,9 +30,9 @@ def two_stages_in_threads(config, split: int):
     between = BatchBuffer(config.pipeline.buffer_size)
     records: list = []
     saves: list = []
-    plan = stage_plan(config, ctx.train_set)
+    plan = stage_plan(config, ctx.feed)
     first = StageWorker(
-        0, ctx.learners[:split], batch_stream(config, ctx.train_set, ctx.test_set), between,
+        0, ctx.learners[:split], batch_stream(config, ctx.feed), between,
         records.append, plan, device=torch.device("cpu"),
         save=lambda step, epoch: saves.append((0, step, epoch)),
     )
@@ -82,12 +82,11 @@ def test_two_stages_in_threads_equal_the_lock_step_run():
 def test_the_schedule_yields_train_then_eval_per_epoch_then_end():
     config = small_config(train={"epochs": 2})
     ctx = make_context(config)
-    kinds = [(b.kind, b.epoch, b.step) for b, _ in batch_stream(config, ctx.train_set,
-                                                                ctx.test_set)]
+    kinds = [(b.kind, b.epoch, b.step) for b, _ in batch_stream(config, ctx.feed)]
     per_epoch = [(Kind.TRAIN, e, s) for e in (0, 1) for s in range(4 * e + 1, 4 * e + 5)]
     evals = {e: [(Kind.EVAL, e, 4 * e + 4)] for e in (0, 1)}  # 32 test samples, batch 32
     assert kinds == [*per_epoch[:4], *evals[0], *per_epoch[4:], *evals[1], (Kind.END, 1, 8)]
-    resumed = [(b.kind, b.step) for b, _ in batch_stream(config, ctx.train_set, ctx.test_set, 6)]
+    resumed = [(b.kind, b.step) for b, _ in batch_stream(config, ctx.feed, 6)]
     assert resumed == [(Kind.TRAIN, 7), (Kind.TRAIN, 8), (Kind.EVAL, 8), (Kind.END, 8)]
 
 
@@ -96,8 +95,8 @@ def test_a_nan_loss_stops_the_stage_before_the_next_checkpoint():
     ctx = make_context(config)
     saved: list[int] = []
     worker = StageWorker(
-        0, ctx.learners, batch_stream(config, ctx.train_set, ctx.test_set), None,
-        lambda rec: None, stage_plan(config, ctx.train_set), device=torch.device("cpu"),
+        0, ctx.learners, batch_stream(config, ctx.feed), None,
+        lambda rec: None, stage_plan(config, ctx.feed), device=torch.device("cpu"),
         save=lambda step, epoch: saved.append(step),
     )
     with pytest.raises(FloatingPointError, match=r"module \d: loss is (nan|inf|-inf) at step"):

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from tests.records import end, epoch, evaluation, train
-from trgl_dist.metrics.records import Record
+from trgl_dist.metrics.records import Record, StageRecord
 from trgl_dist.metrics.summary import summarize, write_summary
 from trgl_dist.rundir import SUMMARY_FILE
 
@@ -77,10 +77,12 @@ def test_summarize_a_pipeline_run_exactly() -> None:
     }
 
 
-def test_the_cuda_peak_of_each_stage_reaches_the_summary() -> None:
-    records = [end(0, cuda_peak_mb=1234.5), end(1, cuda_peak_mb=99.0)]
+def test_each_stages_highest_epoch_cuda_peak_reaches_the_summary() -> None:
+    # The stage resets the peak every epoch: the run's peak is the highest of its records.
+    epoch_1 = StageRecord(**{**vars(end(0)), "cuda_peak_mb": 2000.0})
+    records = [epoch_1, end(0, cuda_peak_mb=1234.5), end(1, cuda_peak_mb=99.0)]
     stages = summarize(records, regime="pipeline", num_modules=4)["stages"]
-    assert [s["cuda_peak_mb"] for s in stages] == [1234.5, 99.0]
+    assert [s["cuda_peak_mb"] for s in stages] == [2000.0, 99.0]
 
 
 def test_summarize_one_process_sequential_counts_each_epochs_data_pass() -> None:

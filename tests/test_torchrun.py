@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import signal
+import time
+
+import pytest
 
 from tests.launcher import rank_process, torchrun
 from trgl_dist.metrics.records import EvalRecord, TrainRecord, read_records
@@ -44,28 +47,40 @@ def _stage_trained(out):
     return ready
 
 
-def test_sigkill_of_a_rank_stops_every_process_and_names_it(tmp_path):
+LINK_TIMEOUT_S = 8
+
+
+@pytest.mark.parametrize(
+    ("sig", "named"),
+    [
+        (signal.SIGKILL, ("died", "stage 1 (rank 1) died")),
+        (signal.SIGSTOP, ("frozen", "stage 1 (rank 1) stopped responding")),
+    ],
+)
+def test_a_killed_or_frozen_middle_rank_stops_every_process_and_is_named(tmp_path, sig, named):
     out = tmp_path / "run"
     ready = _stage_trained(out)
-    killed_at: list[float] = []
+    signalled_at: list[float] = []
 
-    def kill_rank_1(launcher, elapsed):
+    def signal_rank_1(launcher, elapsed):
         if not ready():
             return False
         victim = rank_process(launcher, 1)
         assert victim is not None
-        victim.send_signal(signal.SIGKILL)
-        killed_at.append(elapsed)
+        victim.send_signal(sig)
+        signalled_at.append(elapsed)
         return True
 
-    args = [*SMALL, "--modules", "3", "--epochs", "50", "--synthetic-train", "2048"]
-    launch = torchrun(3, [*args, "--out", str(out)], during=kill_rank_1)
-    assert killed_at, launch.output
+    args = [*SMALL, "--modules", "3", "--epochs", "50", "--synthetic-train", "2048",
+            "--link-timeout", str(LINK_TIMEOUT_S)]
+    launch = torchrun(3, [*args, "--out", str(out)], during=signal_rank_1)
+    assert signalled_at, launch.output
     assert launch.code != 0
-    assert launch.seconds - killed_at[0] < 30
-    assert "stage 1 (rank 1) died" in launch.output, launch.output
+    assert launch.seconds - signalled_at[0] < LINK_TIMEOUT_S + 30
+    cause, line = named
+    assert f"trgl_dist: training failed: {line}" in launch.output, launch.output
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["failure"]["rank"] == 1 and summary["failure"]["cause"] == "died"
+    assert summary["failure"]["rank"] == 1 and summary["failure"]["cause"] == cause
     assert launch.survivors() == []
 
 
@@ -88,3 +103,27 @@ def test_more_ranks_than_modules_is_one_line_and_exit_2(tmp_path):
     assert launch.code != 0
     assert launch.output.count("error: more ranks (3) than modules (2)") == 1, launch.output
     assert "exitcode  : 2" in launch.output
+
+
+def test_a_killed_launcher_takes_every_rank_and_the_coordinator_with_it(tmp_path):
+    out = tmp_path / "run"
+    ready = _stage_trained(out)
+
+    def kill_torchrun(launcher, elapsed):
+        if not ready():
+            return False
+        launcher.send_signal(signal.SIGKILL)
+        return True
+
+    args = [*SMALL, "--modules", "3", "--epochs", "50", "--synthetic-train", "2048"]
+    launch = torchrun(3, [*args, "--out", str(out)], during=kill_torchrun, kill_at_end=False)
+    try:
+        assert launch.code == -signal.SIGKILL
+        assert len(launch.seen) >= 4  # three ranks and the coordinator (at least)
+        deadline = time.monotonic() + 30
+        while launch.survivors() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert launch.survivors() == [], launch.survivors()
+        assert "the launcher (pid" in launch.read_rest(), launch.output
+    finally:
+        launch.kill_survivors()

@@ -6,16 +6,10 @@ import pytest
 import torch
 
 from tests.distributed import run_workers
+from trgl_dist.runtime.planes import LinkEnd
+from trgl_dist.runtime.streams import DeviceStreams
 from trgl_dist.runtime.topology import Topology
-from trgl_dist.runtime.wire import (
-    HEADER_LEN,
-    MAGIC,
-    decode_header,
-    encode_header,
-    recv_batch,
-    send_batch,
-    wire_bytes,
-)
+from trgl_dist.runtime.wire import MAGIC, WireError, WireFormat, wire_bytes
 from trgl_dist.training.items import Batch, Kind
 
 
@@ -65,52 +59,66 @@ def assert_same_batch(got: Batch, want: Batch) -> None:
             assert torch.equal(got_t, want_t), name
 
 
-def test_header_round_trip() -> None:
+WIRE = WireFormat(max_labels=6)
+
+
+def test_control_message_round_trip() -> None:
     batch = Batch(Kind.EVAL, 12, 3, torch.zeros(5, 3, 2, 2, dtype=torch.float16), labels(5), None)
-    header = encode_header(batch)
-    assert header.dtype == torch.int64 and header.shape == (HEADER_LEN,)
-    assert header[0].item() == MAGIC
-    decoded = decode_header(header)
-    assert (decoded.kind, decoded.step, decoded.epoch) == (Kind.EVAL, 12, 3)
-    assert decoded.dtype == torch.float16 and decoded.shape == (5, 3, 2, 2)
-    assert (decoded.num_labels, decoded.label_mask, decoded.message_len) == (5, 1, 0)
+    control = WIRE.new_buffer()
+    WIRE.encode(batch, control)
+    assert control.dtype == torch.int64 and control.shape == (WIRE.length,)
+    assert control[0].item() == MAGIC
+    header, y, ids, message = WIRE.decode(control)
+    assert (header.kind, header.step, header.epoch) == (Kind.EVAL, 12, 3)
+    assert header.dtype == torch.float16 and header.shape == (5, 3, 2, 2)
+    assert torch.equal(y, labels(5)) and ids is None and message == ""
+    control.zero_()  # the decoded labels are copies: the buffer can be reused at once
+    assert torch.equal(y, labels(5))
 
 
-def test_header_of_a_bare_end_with_message() -> None:
-    decoded = decode_header(encode_header(Batch(Kind.END, 7, 1, None, None, None, message="é")))
-    assert decoded.kind == Kind.END and decoded.dtype is None and decoded.shape == ()
-    assert decoded.num_labels == -1 and decoded.message_len == 2  # utf-8 bytes, not chars
+def test_a_bare_end_carries_its_message() -> None:
+    control = WIRE.new_buffer()
+    WIRE.encode(Batch(Kind.END, 7, 1, None, None, None, message="é fin"), control)
+    header, y, ids, message = WIRE.decode(control)
+    assert header.kind == Kind.END and header.dtype is None and header.shape == ()
+    assert (y, ids, message) == (None, None, "é fin")
 
 
-def test_header_rejects_garbage() -> None:
-    with pytest.raises(ValueError, match="corrupt"):
-        decode_header(torch.zeros(HEADER_LEN, dtype=torch.int64))
-    with pytest.raises(ValueError, match="corrupt"):
-        decode_header(torch.zeros(HEADER_LEN - 1, dtype=torch.int64))
+def test_decode_rejects_garbage() -> None:
+    with pytest.raises(WireError, match="corrupt"):
+        WIRE.decode(WIRE.new_buffer())  # no magic
+    control = WIRE.new_buffer()
+    WIRE.encode(Batch(Kind.END, 1, 0, None, None, None), control)
+    control[1] = 9  # no such kind
+    with pytest.raises(WireError, match="corrupt"):
+        WIRE.decode(control)
 
 
 def test_encode_rejects_what_the_wire_cannot_carry() -> None:
-    with pytest.raises(ValueError, match="dtype"):
-        encode_header(Batch(Kind.TRAIN, 0, 0, torch.zeros(2, dtype=torch.int32), None, None))
-    with pytest.raises(ValueError, match="dims"):
-        encode_header(Batch(Kind.TRAIN, 0, 0, torch.zeros([1] * 7), None, None))
-    with pytest.raises(ValueError, match="same length"):
-        encode_header(Batch(Kind.TRAIN, 0, 0, None, labels(3), labels(2)))
+    out = WIRE.new_buffer()
+    with pytest.raises(WireError, match="dtype"):
+        WIRE.encode(Batch(Kind.TRAIN, 0, 0, torch.zeros(2, dtype=torch.int32), None, None), out)
+    with pytest.raises(WireError, match="dims"):
+        WIRE.encode(Batch(Kind.TRAIN, 0, 0, torch.zeros([1] * 7), None, None), out)
+    with pytest.raises(WireError, match="same length"):
+        WIRE.encode(Batch(Kind.TRAIN, 0, 0, None, labels(3), labels(2)), out)
+    with pytest.raises(WireError, match="at most 6"):
+        WIRE.encode(Batch(Kind.TRAIN, 0, 0, None, labels(7), None), out)
 
 
-def test_nbytes_counts_header_payloads_and_message() -> None:
+def test_wire_bytes_count_the_control_message_and_the_payload() -> None:
     batch = Batch(Kind.ERROR, 0, 0, torch.zeros(2, 3, dtype=torch.float16), labels(2), None, "ab")
-    # header + 6 halfs + (2, 2) int64 labels + 2 message bytes
-    assert wire_bytes(batch) == HEADER_LEN * 8 + 12 + 32 + 2
+    assert wire_bytes(batch, WIRE) == WIRE.length * 8 + 12
 
 
 def exchange(topology: Topology) -> list[Batch] | int:
     """Rank 0 sends every sample batch to rank 1, which returns what it received."""
+    streams = DeviceStreams(topology.device)
     if topology.is_first:
-        group = topology.outbound_group()
-        return sum(send_batch(b, 1, group, topology.device) for b in sample_batches())
-    group = topology.inbound_group()
-    return [recv_batch(0, group, topology.device) for _ in sample_batches()]
+        end = LinkEnd(topology.outbound_link(), WIRE, topology.device, streams)
+        return sum(end.send(streams.handoff(b)) for b in sample_batches())
+    end = LinkEnd(topology.inbound_link(), WIRE, topology.device, streams)
+    return [end.recv() for _ in sample_batches()]
 
 
 def test_send_recv_round_trip_between_ranks() -> None:
@@ -118,7 +126,7 @@ def test_send_recv_round_trip_between_ranks() -> None:
     assert not sent.error and not received.error, sent.error + received.error
     assert (sent.exitcode, received.exitcode) == (0, 0)
     want = sample_batches()
-    assert sent.value == sum(wire_bytes(b) for b in want)
+    assert sent.value == sum(wire_bytes(b, WIRE) for b in want)
     assert len(received.value) == len(want)
     for got, expected in zip(received.value, want):
         assert_same_batch(got, expected)

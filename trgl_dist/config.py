@@ -122,9 +122,14 @@ class PipelineConfig:
     )
     max_reuse: int = setting(4, "Replay: the most times one batch is trained on by a stage.")
     coordinator: str = setting(
-        "tcp://127.0.0.1:0",
-        "Address the metrics coordinator binds (port 0: a free one); tcp://0.0.0.0:PORT "
-        "for other nodes.",
+        "",
+        "Address the metrics coordinator binds, tcp://HOST:PORT (port 0: a free one; empty: "
+        "loopback on one node, torchrun's MASTER_ADDR when the ranks span nodes).",
+    )
+    link_timeout: float = setting(
+        60.0,
+        "Seconds a rank may go unheard (no record, no heartbeat) before the run stops as "
+        "frozen; also bounds a payload transfer once its header has arrived.",
     )
 
 
@@ -292,6 +297,8 @@ def validate(config: Config) -> Config:
     _check_positive("pipeline.buffer_size", p.buffer_size)
     _check_choice("pipeline.buffer_policy", p.buffer_policy, POLICIES)
     _check_positive("pipeline.max_reuse", p.max_reuse)
+    if not (math.isfinite(p.link_timeout) and p.link_timeout >= 1):
+        raise ConfigError(f"pipeline.link_timeout must be >= 1 second, got {p.link_timeout}")
     if m.split_counts and len(m.split_counts) != m.modules:
         raise ConfigError(
             f"model.split_counts has {len(m.split_counts)} entries for {m.modules} modules"

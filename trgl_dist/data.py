@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -11,7 +11,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 from torchvision import datasets
 from torchvision.datasets.utils import extract_archive
 from torchvision.transforms import v2
@@ -69,7 +69,11 @@ class DataConfig:
     batch_size: int = setting(128, "Training batch size, in samples (the test pass uses twice).")
     augment: bool = setting(True, "Random crop and flip of the training images.")
     image_size: int = setting(0, "Imagefolder only: image side in pixels (0: 224).")
-    workers: int = setting(0, "Data-loader worker processes (0: load in the training process).")
+    workers: int = setting(
+        -1,
+        "Data-loader worker processes, kept across epochs (0: load in the training process; "
+        "-1: 2 on GPU, 0 on CPU).",
+    )
     synthetic_train: int = setting(512, "Synthetic dataset: training samples.")
     synthetic_test: int = setting(256, "Synthetic dataset: test samples.")
 
@@ -77,7 +81,9 @@ class DataConfig:
         """Reject impossible values with one message naming the key."""
         if self.dataset not in DATASETS:
             raise ConfigError(f"data.dataset: {self.dataset!r} is not one of {', '.join(DATASETS)}")
-        for key in ("train_size", "val_size", "eval_size", "workers"):
+        if self.workers < -1:
+            raise ConfigError(f"data.workers must be >= -1, got {self.workers}")
+        for key in ("train_size", "val_size", "eval_size"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"data.{key} must be >= 0, got {getattr(self, key)}")
         if self.batch_size <= 0:
@@ -87,22 +93,21 @@ class DataConfig:
 class IndexedImages(Dataset):
     """In-memory uint8 images (N, C, H, W) yielding (image, label, sample id).
 
-    Augmentation is seeded per (seed, epoch, sample id), so a batch is the same
-    whatever process, worker or resumed run draws it.
+    Items are asked for by (epoch, sample id): the augmentation is seeded per (seed, epoch,
+    sample id), so a batch is the same whatever process, worker or resumed run draws it,
+    and a loader's workers need no word from the main process when an epoch begins.
     """
 
     def __init__(self, images_NCHW: Any, targets: Tensor, transform: Callable, seed: int):
         self.images, self.targets, self.transform = images_NCHW, targets.long(), transform
-        self.seed, self.epoch = seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        self.seed = seed
 
     def __len__(self) -> int:
         return len(self.targets)
 
-    def __getitem__(self, index: int) -> tuple[Tensor, Tensor, int]:
-        generator = torch.Generator().manual_seed(hash((self.seed, self.epoch, index)) & 0x7FFFFFFF)
+    def __getitem__(self, key: tuple[int, int]) -> tuple[Tensor, Tensor, int]:
+        epoch, index = key
+        generator = torch.Generator().manual_seed(hash((self.seed, epoch, index)) & 0x7FFFFFFF)
         return self.transform(self.images[index], generator), self.targets[index], index
 
 
@@ -350,6 +355,62 @@ def default_data_dir() -> Path:
     return Path.home() / ".cache" / "trgl_dist" / "data"
 
 
+class EpochOrder(Sampler[tuple[int, int]]):
+    """The (epoch, sample id) keys of one epoch: a seeded shuffle set by (seed, epoch) alone
+    for training, the dataset's order otherwise; from batch ``skip`` on (a resumed run)."""
+
+    def __init__(self, size: int, batch_size: int, *, train: bool, seed: int) -> None:
+        self.size, self.batch_size, self.train, self.seed = size, batch_size, train, seed
+        self.epoch = self.skip = 0
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        self.epoch, self.skip = epoch, skip
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        if self.train:
+            generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+            order = torch.randperm(self.size, generator=generator)
+        else:
+            order = torch.arange(self.size)
+        return ((self.epoch, i) for i in order[self.skip * self.batch_size :].tolist())
+
+    def __len__(self) -> int:
+        return max(self.size - self.skip * self.batch_size, 0)
+
+
+class EpochLoader:
+    """Batches (x, y, ids) of a dataset, epoch after epoch, from one DataLoader: its worker
+    processes (``workers`` > 0) persist across epochs, and on GPU the batches come in pinned
+    memory so their copy to the device does not block the host. The last batch may be short.
+    """
+
+    def __init__(
+        self,
+        dataset: IndexedImages,
+        batch_size: int,
+        *,
+        train: bool,
+        seed: int,
+        workers: int = 0,
+        pin_memory: bool = False,
+    ) -> None:
+        self.order = EpochOrder(len(dataset), batch_size, train=train, seed=seed)
+        self.loader = DataLoader(
+            dataset,
+            batch_size=batch_size,
+            sampler=self.order,
+            num_workers=workers,
+            persistent_workers=workers > 0,
+            pin_memory=pin_memory,
+            drop_last=False,
+        )
+
+    def epoch(self, epoch: int, skip: int = 0) -> Iterator[Any]:
+        """The batches of ``epoch``, from batch ``skip`` on."""
+        self.order.set_epoch(epoch, skip)
+        return iter(self.loader)
+
+
 def make_loader(
     dataset: IndexedImages,
     batch_size: int,
@@ -359,22 +420,18 @@ def make_loader(
     epoch: int,
     workers: int = 0,
     skip_batches: int = 0,
-) -> DataLoader:
-    """Batches of (x, y, ids); order set by (seed, epoch) alone; the last may be short.
-    ``skip_batches`` starts the epoch part-way (resuming), at exactly the same batches."""
-    dataset.set_epoch(epoch)
-    if train:
-        generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
-        order = torch.randperm(len(dataset), generator=generator)
-    else:
-        order = torch.arange(len(dataset))
-    return DataLoader(
-        dataset,
-        batch_size=batch_size,
-        sampler=order[skip_batches * batch_size :].tolist(),
-        num_workers=workers,
-        drop_last=False,
-    )
+) -> Iterator[Any]:
+    """The batches (x, y, ids) of one epoch (see EpochLoader)."""
+    loader = EpochLoader(dataset, batch_size, train=train, seed=seed, workers=workers)
+    return loader.epoch(epoch, skip_batches)
+
+
+def loader_workers(configured: int, device: torch.device) -> int:
+    """Data-loader worker processes: as configured, or by default (-1) two on GPU, where
+    augmentation must keep up with the device, and none on CPU, where the cores compute."""
+    if configured >= 0:
+        return configured
+    return 2 if device.type == "cuda" else 0
 
 
 def steps_per_epoch(dataset: IndexedImages, batch_size: int) -> int:

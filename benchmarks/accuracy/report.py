@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +11,8 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from experiments import METHOD_LABELS, MODULEWISE, Preset  # noqa: E402
+from benchenv import splice_readme  # noqa: E402
+from experiments import METHOD_LABELS, MODULEWISE, Preset, size_label  # noqa: E402
 from stats import (  # noqa: E402
     differences_by_seed,
     fmt,
@@ -19,34 +21,56 @@ from stats import (  # noqa: E402
     paired_difference,
     per_module,
 )
+from verdicts import verdict_lines  # noqa: E402
 
 PLOT_FILE = "accuracy_by_module.png"
 PARTIAL = " — PARTIAL: not every planned run finished"
+#: A table row from a group's filter, its runs and their group_stats.
+GroupRow = Callable[[dict[str, Any], list[dict[str, Any]], dict[str, Any]], str]
+MAIN_HEAD = [
+    "| train size | method | regime | n seeds | last-module acc. (%) | best-module acc. (%) "
+    "| best - last (%) |",
+    "|---:|---|---|---:|---:|---:|---:|",
+]
+REGIME_HEAD = [
+    "| regime | method | train size | epochs per module | n seeds | last-module acc. (%) "
+    "| best-module acc. (%) |",
+    "|---|---|---:|---:|---:|---:|---:|",
+]
 
 
-def size_label(size: int) -> str:
-    return "60000 (full)" if size == 0 else str(size)
+def group_table(
+    results: list[dict[str, Any]], head: list[str], groups: Iterable[dict[str, Any]], row: GroupRow
+) -> tuple[list[str], list[dict[str, Any]]]:
+    """``head``, then a row per group (a filter of ``ok_runs``: phase and more) with
+    finished runs; and each such group's stats, keyed by its filter without the phase."""
+    rows, data = list(head), []
+    for match in groups:
+        runs = ok_runs(results, **match)
+        if not runs:
+            continue
+        g = group_stats(runs)
+        data.append({**{k: v for k, v in match.items() if k != "phase"}, **g})
+        rows.append(row(match, runs, g))
+    return rows, data
 
 
 def main_table(results: list[dict[str, Any]], sizes: list[int]) -> tuple[list[str], list[dict]]:
-    rows = [
-        "| train size | method | regime | n seeds | last-module acc. (%) | best-module acc. (%) "
-        "| best - last (%) |",
-        "|---:|---|---|---:|---:|---:|---:|",
-    ]
-    data = []
-    for size in sizes:
-        for method in (*MODULEWISE, "e2e"):
-            runs = ok_runs(results, phase="main", method=method, size=size)
-            if not runs:
-                continue
-            g = group_stats(runs)
-            data.append({"size": size, "method": method, **g})
-            rows.append(
-                f"| {size_label(size)} | {METHOD_LABELS[method]} | {runs[0]['regime']} "
-                f"| {g['last']['n']} | {fmt(g['last'])} | {fmt(g['best'])} | {fmt(g['drop'])} |"
-            )
-    return rows, data
+    """Per train size and method (main runs): last and best module, and the drop."""
+    return group_table(
+        results,
+        MAIN_HEAD,
+        (
+            {"phase": "main", "size": size, "method": method}
+            for size in sizes
+            for method in (*MODULEWISE, "e2e")
+        ),
+        lambda match, runs, g: (
+            f"| {size_label(match['size'])} | {METHOD_LABELS[match['method']]} "
+            f"| {runs[0]['regime']} "
+            f"| {g['last']['n']} | {fmt(g['last'])} | {fmt(g['best'])} | {fmt(g['drop'])} |"
+        ),
+    )
 
 
 def comparison_table(results: list[dict[str, Any]], sizes: list[int]) -> tuple[list[str], list]:
@@ -80,24 +104,20 @@ def comparison_table(results: list[dict[str, Any]], sizes: list[int]) -> tuple[l
 
 
 def regime_table(results: list[dict[str, Any]]) -> tuple[list[str], list[dict]]:
-    rows = [
-        "| regime | method | train size | epochs per module | n seeds | last-module acc. (%) "
-        "| best-module acc. (%) |",
-        "|---|---|---:|---:|---:|---:|---:|",
-    ]
-    data = []
-    for regime in ("sequential", "multilap"):
-        for method in MODULEWISE:
-            runs = ok_runs(results, phase="regimes", method=method, regime=regime)
-            if not runs:
-                continue
-            g = group_stats(runs)
-            data.append({"regime": regime, "method": method, **g})
-            rows.append(
-                f"| {regime} | {METHOD_LABELS[method]} | {runs[0]['size']} | {runs[0]['epochs']} "
-                f"| {g['last']['n']} | {fmt(g['last'])} | {fmt(g['best'])} |"
-            )
-    return rows, data
+    """Per regime (sequential, multilap) and module-wise method: last and best module."""
+    return group_table(
+        results,
+        REGIME_HEAD,
+        (
+            {"phase": "regimes", "regime": regime, "method": method}
+            for regime in ("sequential", "multilap")
+            for method in MODULEWISE
+        ),
+        lambda match, runs, g: (
+            f"| {match['regime']} | {METHOD_LABELS[match['method']]} | {runs[0]['size']} "
+            f"| {runs[0]['epochs']} | {g['last']['n']} | {fmt(g['last'])} | {fmt(g['best'])} |"
+        ),
+    )
 
 
 def modules_table(
@@ -261,8 +281,6 @@ def write_report(
         "failed_runs": [r["id"] for r in results if r["status"] != "ok"],
     }
     (out / "results.json").write_text(json.dumps(aggregate, indent=2) + "\n")
-    from verdicts import verdict_lines
-
     lines = [
         f"<!-- generated by: {command} -->",
         f"**Preset `{preset.name}`{PARTIAL if partial else ''}.**"
@@ -307,12 +325,4 @@ BEGIN, END = "<!-- results:begin (generated from table.md) -->", "<!-- results:e
 
 def embed_in_readme(readme: Path, table: Path) -> bool:
     """Replace the README's block between the result markers by table.md, verbatim."""
-    if not readme.is_file():
-        return False
-    text = readme.read_text()
-    if BEGIN not in text or END not in text:
-        return False
-    head, rest = text.split(BEGIN, 1)
-    tail = rest.split(END, 1)[1]
-    readme.write_text(f"{head}{BEGIN}\n{table.read_text().rstrip()}\n{END}{tail}")
-    return True
+    return splice_readme(readme, table.read_text(), BEGIN, END)

@@ -24,7 +24,8 @@ from typing import Any
 import torch
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parents[1]))  # the repo root: trgl_dist without installing it
+# The repo root (trgl_dist without installing it) and benchmarks/ (benchenv).
+sys.path[:0] = [str(HERE.parents[1]), str(HERE.parent)]
 
 from experiments import (  # noqa: E402
     PRESETS,

@@ -1,4 +1,8 @@
-"""Execute one run: in this process through `trgl_dist.train.main`, or under torchrun."""
+"""Execute one run: in this process through `trgl_dist.train.main`, or under torchrun.
+
+Every run is the package's CLI as it is, with flags only (``experiments.train_flags``):
+nothing of the package is replaced.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +14,6 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,71 +39,12 @@ def package_version() -> dict[str, Any]:
     }
 
 
-def _is_final(ctx: Any, epoch: int, upto: int | None) -> bool:
-    """True for the one evaluation a run needs: after the last epoch of the last module.
-
-    A module-wise network is scored once at the end: in sequential and multilap a module
-    is frozen after its last epoch, so its accuracy then equals its accuracy at the end.
-    """
-    from trgl_dist.config import module_epochs
-
-    train = ctx.config.train
-    if train.regime in ("sequential", "multilap"):
-        last = len(ctx.learners)
-        return upto == last and epoch + 1 == module_epochs(train, last)[-1]
-    return epoch + 1 == train.epochs
-
-
-@contextlib.contextmanager
-def final_evaluation_only() -> Iterator[None]:
-    """Skip the per-epoch test-set scoring except the final one (the 10,000 test images
-    through 16 modules cost more than an epoch of 600 training samples). The final
-    evaluation scores every module, as the unpatched code does after its last epoch."""
-    from trgl_dist.regimes import common, e2e, parallel, sequential
-
-    scoring = common.evaluate
-
-    def evaluate(ctx: Any, epoch: int, upto: int | None = None, only: Any = None) -> list[float]:
-        if not _is_final(ctx, epoch, upto):
-            return []
-        if ctx.config.train.regime in ("sequential", "multilap"):
-            return scoring(ctx, epoch)
-        return scoring(ctx, epoch, upto, only)
-
-    # Every regime module that calls evaluate through its own global name.
-    patched = [m for m in (common, parallel, e2e, sequential) if hasattr(m, "evaluate")]
-    originals = [m.evaluate for m in patched]
-    for module in patched:
-        module.evaluate = evaluate
-    try:
-        yield
-    finally:
-        for module, original in zip(patched, originals, strict=True):
-            module.evaluate = original
-
-
-@contextlib.contextmanager
-def without_run_report() -> Iterator[None]:
-    """No per-run report.md and PNGs (seconds of matplotlib per run); summary.json stays."""
-    from trgl_dist import train
-
-    original = train.write_report
-    train.write_report = lambda *args, **kwargs: None  # type: ignore[assignment]
-    try:
-        yield
-    finally:
-        train.write_report = original  # type: ignore[assignment]
-
-
-def _train_in_process(flags: list[str], final_only: bool) -> int:
+def _train_in_process(flags: list[str]) -> int:
     from trgl_dist.train import main
 
     quiet = io.StringIO()  # the console report: summary.json has the same numbers
-    with contextlib.redirect_stdout(quiet), without_run_report():
-        if not final_only:
-            return main(flags)
-        with final_evaluation_only():
-            return main(flags)
+    with contextlib.redirect_stdout(quiet):
+        return main(flags)
 
 
 def _train_subprocess(flags: list[str], ranks: int, run_dir: Path) -> int:
@@ -110,6 +54,7 @@ def _train_subprocess(flags: list[str], ranks: int, run_dir: Path) -> int:
     command = [sys.executable, *(launcher if ranks > 1 else []), "-m", "trgl_dist.train", *flags]
     path = f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
     with open(run_dir.parent / f"{run_dir.name}.log", "w", encoding="utf-8") as out:
         done = subprocess.run(
             command,
@@ -153,7 +98,7 @@ def execute(preset: Preset, spec: RunSpec, work_dir: Path) -> dict[str, Any]:
         code = _train_subprocess(flags, 1, run_dir)
     else:
         try:
-            code = _train_in_process(flags, spec.final_eval_only)
+            code = _train_in_process(flags)
         except Exception:  # one broken run is recorded as failed; the study goes on
             log.exception("run %s raised", spec.run_id)
             code = -1

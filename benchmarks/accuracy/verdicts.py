@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from report import size_label
+from experiments import size_label
 from stats import excludes_zero, fmt, mean_ci
 
 

@@ -13,11 +13,9 @@ from typing import Any
 
 import torch
 from experiments import Setting, block_counts, method_parts, stage_buffers
-from tracker import MIB, Network, e2e_parts, e2e_step, lockstep_step, stage_step
+from tracker import MIB, Network, build_in, stage_step, training_step
 
-from trgl_dist.network.models import build_backbone
-from trgl_dist.network.modules import build_modules
-from trgl_dist.training.learner import ModuleLearner, taus
+from trgl_dist.training.memory import state_bytes
 
 
 def available() -> bool:
@@ -25,18 +23,17 @@ def available() -> bool:
 
 
 def build_real(
-    setting: Setting, modules: int, split: str, method: str, device: torch.device
+    setting: Setting, modules: int, split: str, method: str, device: torch.device, regime: str
 ) -> Network:
-    """The K modules and learners as real tensors on ``device``."""
+    """The K modules and learners of ``regime`` as real tensors on ``device``."""
     name, loss = method_parts(method)
-    config = setting.config(modules, name)
+    config = setting.config(modules, name).replace("train", regime=regime)
     counts = block_counts(setting, modules, split)
-    backbone = build_backbone(setting.model, setting.spec, num_modules=modules, width=setting.width)
-    mods = [m.to(device) for m in build_modules(backbone, counts, setting.spec)]
-    tau = taus(config, modules)
-    learners = [ModuleLearner(k, m, config, tau[k]) for k, m in enumerate(mods)]
     # No fake mode: a null context where tracker.py enters one.
-    return Network(config, setting.spec, learners, contextlib.nullcontext(), loss)  # type: ignore[arg-type]
+    net = build_in(contextlib.nullcontext(), config, setting.spec, counts, loss)
+    for module in net.modules:
+        module.to(device)
+    return net
 
 
 def peak_mib(step: Callable[[], None], device: torch.device) -> float:
@@ -52,24 +49,31 @@ def peak_mib(step: Callable[[], None], device: torch.device) -> float:
 
 
 def state_mib(net: Network, stages: list[int]) -> float:
-    """Parameters, gradients and optimizer state of the given modules (resident between steps)."""
-    total = 0
-    for k in stages:
-        learner = net.learners[k]
-        for p in learner.module.parameters():
-            total += p.numel() * p.element_size() * (2 if p.grad is not None else 1)
-        for state in learner.optimizer.state.values():
-            total += sum(v.numel() * v.element_size() for v in state.values() if torch.is_tensor(v))
-    return total / MIB
+    """Parameters, gradients and optimizer state of the given modules (resident between
+    steps): the package's ``state_bytes``, with an optimizer the learners share (E2E)
+    counted once."""
+    learners = [net.learners[k] for k in stages]
+    total = state_bytes(learners)
+    shared = len(learners) - len({id(learner.optimizer) for learner in learners})
+    return (total - shared * optimizer_bytes(learners[-1].optimizer)) / MIB
+
+
+def optimizer_bytes(optimizer: torch.optim.Optimizer) -> int:
+    return sum(
+        v.numel() * v.element_size()
+        for state in optimizer.state.values()
+        for v in state.values()
+        if torch.is_tensor(v)
+    )
 
 
 def measure(setting: Setting, modules: int, split: str, method: str) -> dict[str, Any]:
     """Real peaks (MiB) of E2E, the lock-step step and each stage's training step."""
     device = torch.device("cuda")
-    net = build_real(setting, modules, split, method, device)
+    net = build_real(setting, modules, split, method, device, "parallel")
     all_modules = list(range(modules))
     out: dict[str, Any] = {}
-    lock = peak_mib(lockstep_step(net, setting.batch_size), device)
+    lock = peak_mib(training_step(net, setting.batch_size), device)
     out["lockstep"] = lock + state_mib(net, all_modules)
     stages = []
     for k in all_modules:
@@ -80,20 +84,8 @@ def measure(setting: Setting, modules: int, split: str, method: str) -> dict[str
         stages.append(peak_mib(step, device) + state_mib(net, [k]) + held_mib)
         del held
     out["stages"] = stages
-    e2e = build_real(setting, modules, "equal-depth", "vanilla", device)
-    _, optimizer = e2e_parts(e2e)
-    e2e_peak = peak_mib(e2e_step(e2e, setting.batch_size, optimizer), device)
-    out["e2e"] = e2e_peak + state_mib(e2e, all_modules) + optimizer_mib(optimizer)
-    return out
-
-
-def optimizer_mib(optimizer: torch.optim.Optimizer) -> float:
-    return (
-        sum(
-            v.numel() * v.element_size()
-            for state in optimizer.state.values()
-            for v in state.values()
-            if torch.is_tensor(v)
-        )
-        / MIB
+    e2e = build_real(setting, modules, "equal-depth", "vanilla", device, "e2e")
+    out["e2e"] = peak_mib(training_step(e2e, setting.batch_size), device) + state_mib(
+        e2e, all_modules
     )
+    return out

@@ -2,57 +2,43 @@
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 from benchenv import NetworkSetting
 from tracker import (
     MIB,
-    LossFn,
     Network,
     build_fake,
-    e2e_parts,
-    e2e_step,
     fake_batches,
     input_shape,
-    lockstep_step,
     output_shape,
     peak_of,
     stage_eval_step,
     stage_step,
+    training_step,
 )
 
 from trgl_dist.config import PipelineConfig
-from trgl_dist.method import local_loss
-from trgl_dist.network.models import build_backbone
-from trgl_dist.network.split import split_blocks
+from trgl_dist.method import literal_local_loss, local_loss
+from trgl_dist.training.build import backbone_for, split_for
+from trgl_dist.training.learner import LossFn
 
 log = logging.getLogger("memory.experiments")
-#: The test pass sends batches twice the training batch (``feed.py``: 2 * batch_size).
+#: The test pass sends batches twice the training batch
+#: (``trgl_dist.training.schedule.test_loader``: 2 * batch_size).
 EVAL_BATCH_FACTOR = 2
-GRAPH_LOSS = Path(__file__).resolve().parents[1] / "overhead" / "graph_loss.py"
 #: Method names of this benchmark: trgl_dist's, plus TRGL with the literal local loss that
-#: puts W in the autograd graph (benchmarks/overhead/graph_loss.py), as a baseline.
+#: puts W in the autograd graph (``trgl_dist.method.literal_local_loss``), as a baseline.
 TRGL_GRAPH = "trgl-graph"
-
-
-def graph_loss() -> LossFn:
-    """The in-graph ``local_loss``, loaded by path under a unique module name."""
-    spec = importlib.util.spec_from_file_location("overhead_graph_loss", GRAPH_LOSS)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.local_loss
 
 
 def method_parts(method: str) -> tuple[str, LossFn]:
     """(trgl_dist method name, local loss function) of a benchmark method name."""
     if method == TRGL_GRAPH:
-        return "trgl", graph_loss()
+        return "trgl", literal_local_loss
     return method, local_loss
 
 
@@ -66,23 +52,22 @@ class Setting(NetworkSetting):
 
 def block_counts(setting: Setting, modules: int, split: str) -> list[int]:
     """trgl_dist's own split of the real backbone (equal-memory probes a small real forward)."""
-    backbone = build_backbone(setting.model, setting.spec, num_modules=modules, width=setting.width)
-    return split_blocks(split, backbone, setting.spec, modules, batch_size=setting.batch_size)
+    config = setting.config(modules, "vanilla").replace("model", split=split)
+    return split_for(config, backbone_for(config.model, setting.spec), setting.spec)
 
 
 def measure_e2e(setting: Setting, modules: int) -> dict[str, float]:
     """Back-propagation through the same K modules' bodies and last head, one optimizer."""
     counts = block_counts(setting, modules, "equal-depth")
-    net = build_fake(setting.config(modules, "vanilla"), setting.spec, counts)
-    with net.fake:
-        params, optimizer = e2e_parts(net)
-    step = e2e_step(net, setting.batch_size, optimizer)
-    return peak_of(net, step, [*net.modules, optimizer])
+    config = setting.config(modules, "vanilla").replace("train", regime="e2e")
+    return measure_training(build_fake(config, setting.spec, counts), setting)
 
 
-def measure_lockstep(net: Network, setting: Setting) -> dict[str, float]:
-    optimizers = [learner.optimizer for learner in net.learners]
-    return peak_of(net, lockstep_step(net, setting.batch_size), [*net.modules, *optimizers])
+def measure_training(net: Network, setting: Setting) -> dict[str, float]:
+    """One training batch of the network's regime (E2E or lock-step), every module,
+    optimizer and the batch on one device."""
+    tracked = [*net.modules, *net.optimizers]
+    return peak_of(net, training_step(net, setting.batch_size), tracked)
 
 
 def stage_buffers(net: Network, stage: int, batch: int, capacity: int) -> list[torch.Tensor]:
@@ -153,7 +138,7 @@ def measure_config(
         "split": split,
         "method": method,
         "counts": counts,
-        "lockstep": measure_lockstep(net, setting),
+        "lockstep": measure_training(net, setting),
     }
     if stages:
         result["stages"] = [measure_stage(net, setting, k) for k in range(modules)]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from benchenv import environment_lines, markdown_table
+
 BREAKDOWN = ("params", "grads", "optimizer", "activations", "temp", "bn_buffers", "batch_buffers")
 
 
@@ -19,38 +21,36 @@ def worst_stage(config: dict[str, Any], phase: str) -> tuple[int, float]:
 
 def summary_table(results: dict[str, Any]) -> str:
     """One row per K, split and method: lock-step and worst-stage peaks against E2E."""
-    head = (
-        "| K | split | method | blocks per module | E2E MiB | lock-step MiB | saving % "
-        "| worst stage (train) MiB | saving % | worst stage (incl. test pass) MiB | saving % |\n"
-        "|---|---|---|---|---|---|---|---|---|---|---|\n"
+    header = (
+        "K | split | method | blocks per module | E2E MiB | lock-step MiB | saving % "
+        "| worst stage (train) MiB | saving % | worst stage (incl. test pass) MiB | saving %"
     )
-    rows = []
-    for c in results["configs"]:
-        e2e = results["e2e"][str(c["modules"])]["total"]
-        lock = c["lockstep"]["total"]
-        row = [
-            str(c["modules"]),
-            c["split"],
-            c["method"],
-            "/".join(map(str, c["counts"])),
-            f"{e2e:.0f}",
-            f"{lock:.0f}",
-            saving(lock, e2e),
-        ]
-        if "stages" in c:
-            stage, train = worst_stage(c, "train")
-            worst_index, worst = worst_stage(c, "worst")
-            row += [f"{train:.0f} (stage {stage + 1})", saving(train, e2e)]
-            row += [f"{worst:.0f} (stage {worst_index + 1})", saving(worst, e2e)]
-        else:
-            row += ["-"] * 4
-        rows.append("| " + " | ".join(row) + " |")
-    return head + "\n".join(rows) + "\n"
+    return markdown_table(header, [summary_row(results, c) for c in results["configs"]])
 
 
-def breakdown_row(name: str, peak: dict[str, float], e2e: float) -> str:
-    cells = [name, *(f"{peak[key]:.1f}" for key in BREAKDOWN), f"{peak['total']:.1f}"]
-    return "| " + " | ".join(cells) + f" | {saving(peak['total'], e2e)} |"
+def summary_row(results: dict[str, Any], c: dict[str, Any]) -> list[str]:
+    e2e = results["e2e"][str(c["modules"])]["total"]
+    lock = c["lockstep"]["total"]
+    row = [
+        str(c["modules"]),
+        c["split"],
+        c["method"],
+        "/".join(map(str, c["counts"])),
+        f"{e2e:.0f}",
+        f"{lock:.0f}",
+        saving(lock, e2e),
+    ]
+    if "stages" not in c:
+        return [*row, "-", "-", "-", "-"]
+    stage, train = worst_stage(c, "train")
+    worst_index, worst = worst_stage(c, "worst")
+    row += [f"{train:.0f} (stage {stage + 1})", saving(train, e2e)]
+    return [*row, f"{worst:.0f} (stage {worst_index + 1})", saving(worst, e2e)]
+
+
+def breakdown_row(name: str, peak: dict[str, float], e2e: float) -> list[str]:
+    cells = [f"{peak[key]:.1f}" for key in BREAKDOWN]
+    return [name, *cells, f"{peak['total']:.1f}", saving(peak["total"], e2e)]
 
 
 def breakdown_table(results: dict[str, Any], config: dict[str, Any]) -> str:
@@ -59,34 +59,21 @@ def breakdown_table(results: dict[str, Any], config: dict[str, Any]) -> str:
     head = (
         f"K = {config['modules']}, {config['split']}, {config['method']} "
         f"(blocks {'/'.join(map(str, config['counts']))}), MiB at the peak:\n\n"
-        "| run | "
-        + " | ".join(BREAKDOWN)
-        + " | total | saving % |\n"
-        + "|---" * (len(BREAKDOWN) + 3)
-        + "|\n"
     )
     rows = [breakdown_row("E2E", e2e, e2e["total"])]
     rows.append(breakdown_row("lock-step", config["lockstep"], e2e["total"]))
     for stage in config.get("stages", []):
         rows.append(breakdown_row(f"stage {stage['stage'] + 1}", stage["train"], e2e["total"]))
-    return head + "\n".join(rows) + "\n"
+    return head + markdown_table(" | ".join(("run", *BREAKDOWN, "total", "saving %")), rows)
 
 
 def estimator_table(check: dict[str, Any]) -> str:
     """Real peak RSS growth of a small CPU run against the MemTracker estimate."""
-    head = (
-        "| allocator | regime | batch | real RSS growth MiB | MemTracker estimate MiB "
-        "| difference MiB | difference % of real |\n|---|---|---|---|---|---|---|\n"
+    header = (
+        "allocator | regime | batch | real RSS growth MiB | MemTracker estimate MiB "
+        "| difference MiB | difference % of real"
     )
-    rows = []
-    for row in check["rows"]:
-        diff = row["growth_mib"] - row["estimate_mib"]
-        rows.append(
-            f"| {row['allocator']} | {row['regime']} | {row['batch_size']} "
-            f"| {row['growth_mib']:.0f} "
-            f"| {row['estimate_mib']:.0f} | {diff:+.0f} | {100 * diff / row['growth_mib']:+.1f} |"
-        )
-    text = head + "\n".join(rows) + "\n"
+    text = markdown_table(header, [estimator_row(row) for row in check["rows"]])
     for regime, slope in check.get("slopes", {}).items():
         text += (
             f"\n{regime}: per extra sample, real {slope['real_mib']:.2f} MiB vs estimate "
@@ -95,21 +82,22 @@ def estimator_table(check: dict[str, Any]) -> str:
     return text + ("\n" if check.get("slopes") else "")
 
 
-def environment_lines(env: dict[str, Any]) -> str:
-    """Machine, versions and the exact command, from the results file."""
-    return (
-        f"Machine: {env['cpu_model']}, {env['cpus']} CPUs, {env.get('memory_gib', '?')} GiB, "
-        f"{env['platform']}, {env['libc']}. Python {env['python']}, torch {env['torch']}, "
-        f"torchvision {env['torchvision']}. Command: `{env['command']}`\n"
-    )
+def estimator_row(row: dict[str, Any]) -> list[str]:
+    diff = row["growth_mib"] - row["estimate_mib"]
+    return [
+        row["allocator"],
+        row["regime"],
+        str(row["batch_size"]),
+        f"{row['growth_mib']:.0f}",
+        f"{row['estimate_mib']:.0f}",
+        f"{diff:+.0f}",
+        f"{100 * diff / row['growth_mib']:+.1f}",
+    ]
 
 
 def cuda_table(results: dict[str, Any]) -> str:
     """Where a GPU was present: the allocator's real peaks (totals only)."""
-    head = (
-        "| K | split | method | E2E MiB | lock-step MiB | saving % | worst stage MiB | saving % |\n"
-        "|---|---|---|---|---|---|---|---|\n"
-    )
+    header = "K | split | method | E2E MiB | lock-step MiB | saving % | worst stage MiB | saving %"
     rows = []
     for c in results["configs"]:
         if "cuda" not in c:
@@ -117,11 +105,18 @@ def cuda_table(results: dict[str, Any]) -> str:
         g = c["cuda"]
         worst = max(g["stages"])
         rows.append(
-            f"| {c['modules']} | {c['split']} | {c['method']} | {g['e2e']:.0f} "
-            f"| {g['lockstep']:.0f} | {saving(g['lockstep'], g['e2e'])} "
-            f"| {worst:.0f} | {saving(worst, g['e2e'])} |"
+            [
+                str(c["modules"]),
+                c["split"],
+                c["method"],
+                f"{g['e2e']:.0f}",
+                f"{g['lockstep']:.0f}",
+                saving(g["lockstep"], g["e2e"]),
+                f"{worst:.0f}",
+                saving(worst, g["e2e"]),
+            ]
         )
-    return head + "\n".join(rows) + "\n"
+    return markdown_table(header, rows)
 
 
 def report(results: dict[str, Any]) -> str:

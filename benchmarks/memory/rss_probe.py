@@ -9,6 +9,7 @@ at least its parent's peak. Prints one JSON object on stdout.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
@@ -16,17 +17,12 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(1, str(Path(__file__).resolve().parents[2]))  # trgl_dist without installing it
-sys.path.insert(2, str(Path(__file__).resolve().parents[1]))  # benchenv
+HERE = Path(__file__).resolve().parent
+# This folder, the repo root (trgl_dist without installing it) and benchmarks/ (benchenv).
+sys.path[:0] = [str(HERE), str(HERE.parents[1]), str(HERE.parent)]
 
 from experiments import Setting, block_counts  # noqa: E402
-from tracker import MIB  # noqa: E402
-
-from trgl_dist.method import local_loss  # noqa: E402
-from trgl_dist.network.models import build_backbone  # noqa: E402
-from trgl_dist.network.modules import build_modules  # noqa: E402
-from trgl_dist.training.learner import ModuleLearner, build_optimizer, taus  # noqa: E402
+from tracker import MIB, Network, build_in  # noqa: E402
 
 log = logging.getLogger("memory.rss_probe")
 
@@ -48,40 +44,22 @@ def reset_peak() -> bool:
     return True
 
 
-def build_learners(setting: Setting, modules: int) -> list[ModuleLearner]:
-    config = setting.config(modules, "trgl")
+def build_network(setting: Setting, modules: int, regime: str) -> Network:
+    """TRGL's lock-step learners (``parallel``), or E2E's, with their one shared optimizer."""
+    config = setting.config(modules, "trgl").replace("train", regime=regime)
     counts = block_counts(setting, modules, "equal-depth")
-    backbone = build_backbone(setting.model, setting.spec, num_modules=modules, width=setting.width)
-    mods = build_modules(backbone, counts, setting.spec)
-    tau = taus(config, modules)
-    return [ModuleLearner(k, m, config, tau[k]) for k, m in enumerate(mods)]
+    return build_in(contextlib.nullcontext(), config, setting.spec, counts)
 
 
-def run_steps(setting: Setting, learners: list[ModuleLearner], regime: str, steps: int) -> None:
-    """``steps`` batches of the lock-step regime (the real ``train_step``) or of E2E."""
+def run_steps(setting: Setting, net: Network, steps: int) -> None:
+    """``steps`` batches of the lock-step regime (each module's real ``train_step``) or of
+    E2E (``end_to_end``)."""
     s = setting.spec
-    if regime == "e2e":
-        params = [p for lr in learners for p in lr.module.body.parameters()]
-        params += list(learners[-1].module.head.parameters())
-        optimizer = build_optimizer(params, learners[0].config)
+    trainer = net.trainer()
     for _ in range(steps):
         x = torch.randn(setting.batch_size, s.channels, s.size, s.size)
         y = torch.randint(0, s.num_classes, (setting.batch_size,))
-        if regime == "parallel":
-            h = x
-            for learner in learners:
-                h = learner.train_step(h, y)
-            continue
-        h, residues = x, []
-        for learner in learners:
-            learner.module.train()
-            h, block_residues = learner.module.features(h)
-            residues += block_residues
-        logits = learners[-1].module.head(h)
-        loss = local_loss(logits, y, residues, method="vanilla")
-        optimizer.zero_grad(set_to_none=True)
-        loss.total.backward()
-        optimizer.step()
+        trainer(x, y)
 
 
 def main() -> None:
@@ -99,8 +77,8 @@ def main() -> None:
     torch.randn(4, 4) @ torch.randn(4, 4)
     baseline = status_kib("VmRSS") * 1024
     was_reset = reset_peak()
-    learners = build_learners(setting, args.modules)
-    run_steps(setting, learners, args.regime, args.steps)
+    net = build_network(setting, args.modules, args.regime)
+    run_steps(setting, net, args.steps)
     peak = status_kib("VmHWM") * 1024
     result = {
         "regime": args.regime,

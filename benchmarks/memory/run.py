@@ -15,19 +15,17 @@ import logging
 import os
 import subprocess
 import sys
-import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-sys.path.insert(1, str(HERE.parents[1]))  # the repo root: trgl_dist without installing it
-sys.path.insert(2, str(HERE.parent))  # benchenv
+# This folder, the repo root (trgl_dist without installing it) and benchmarks/ (benchenv).
+sys.path[:0] = [str(HERE), str(HERE.parents[1]), str(HERE.parent)]
 
 import cuda_peak  # noqa: E402
-from benchenv import environment, write_outputs  # noqa: E402
-from experiments import Setting, measure_config, measure_e2e  # noqa: E402
+from benchenv import environment, run_script, script_parser  # noqa: E402
+from experiments import TRGL_GRAPH, Setting, measure_config, measure_e2e  # noqa: E402
 from memory_tables import report  # noqa: E402
 
 log = logging.getLogger("memory.run")
@@ -43,19 +41,14 @@ ALLOCATORS: dict[str, dict[str, str]] = {
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="K = 4, 16, equal-depth TRGL, one batch")
-    p.add_argument("--model", default="resnet110")
-    p.add_argument("--size", type=int, default=96, help="input side (3 x size x size)")
-    p.add_argument("--width", type=int, default=0, help="0: the model's default width")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--modules", type=int, nargs="+", default=[2, 4, 8, 16])
+    p = script_parser(__doc__, HERE, size=96, quick="K = 4, 16, equal-depth TRGL, one batch")
     p.add_argument("--splits", nargs="+", default=["equal-depth", "equal-memory"])
     p.add_argument(
         "--methods",
         nargs="+",
-        default=["vanilla", "trgl", "trgl-graph"],
-        help="trgl-graph: TRGL with W in the autograd graph (benchmarks/overhead/graph_loss.py)",
+        default=["vanilla", "trgl", TRGL_GRAPH],
+        help=f"{TRGL_GRAPH}: TRGL with W in the autograd graph "
+        "(trgl_dist.method.literal_local_loss)",
     )
     p.add_argument("--breakdown-modules", type=int, nargs="+", default=[2, 4, 16])
     p.add_argument("--check-model", default="resnet110", help="model of the real RSS run")
@@ -65,8 +58,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--check-batches", type=int, nargs="+", default=[32, 64])
     p.add_argument("--check-steps", type=int, default=2)
     p.add_argument("--no-check", action="store_true", help="skip the real RSS check")
-    p.add_argument("--out", type=Path, default=HERE / "results")
-    p.add_argument("--render", type=Path, help="only rewrite the markdown of this results JSON")
     args = p.parse_args(argv)
     if args.quick:
         args.modules, args.splits, args.methods = [4, 16], ["equal-depth"], ["trgl"]
@@ -156,16 +147,7 @@ def slope(lo: dict[str, Any], hi: dict[str, Any]) -> dict[str, float]:
     }
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    if args.render:
-        results = json.loads(args.render.read_text())
-        write_outputs(
-            results, report(results), args.render.parent, args.render.stem, HERE, "memory"
-        )
-        return
-    started = time.perf_counter()
+def measure(args: argparse.Namespace) -> dict[str, Any]:
     setting = Setting(
         model=args.model, size=args.size, width=args.width, batch_size=args.batch_size
     )
@@ -176,10 +158,11 @@ def main(argv: list[str] | None = None) -> None:
     results.update(run_grid(setting, args))
     if not args.no_check:
         results["estimator"] = estimator_check(args)
-    results["seconds"] = time.perf_counter() - started
-    name = "memory_quick" if args.quick else "memory"
-    write_outputs(results, report(results), args.out, name, HERE, "memory")
-    log.info("wrote %s in %.0f s", args.out / f"{name}.md", results["seconds"])
+    return results
+
+
+def main(argv: list[str] | None = None) -> None:
+    run_script(parse_args(argv), HERE, "memory", measure, report)
 
 
 if __name__ == "__main__":

@@ -1,23 +1,33 @@
-"""Peak training memory by category, from MemTracker under fake tensors (no compute, no RAM)."""
+"""Peak training memory by category, from MemTracker under fake tensors (no compute, no RAM).
+
+The steps are the package's own: ``ModuleLearner.train_step`` and ``end_to_end``."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.distributed._tools.mem_tracker import MemTracker, _MemRefType
 
 from trgl_dist.config import Config
 from trgl_dist.method import local_loss
-from trgl_dist.network.models import InputSpec, build_backbone
-from trgl_dist.network.modules import LocalModule, build_modules
-from trgl_dist.training.learner import ModuleLearner, build_optimizer, taus
+from trgl_dist.network.models import InputSpec
+from trgl_dist.network.modules import LocalModule
+from trgl_dist.training.build import modules_for
+from trgl_dist.training.learner import (
+    LossFn,
+    ModuleLearner,
+    Trainer,
+    build_learners,
+    chain,
+    end_to_end,
+)
+from trgl_dist.training.memory import MIB
 
-MIB = 2**20
 #: Report keys for MemTracker's categories. TEMP is the backward pass's scratch (mostly the
 #: gradients of activations); OTH holds what we register ourselves: the pipeline batch buffers.
 CATEGORIES = {
@@ -30,107 +40,69 @@ CATEGORIES = {
     _MemRefType.OTH: "batch_buffers",
 }
 Step = Callable[[], None]
-LossFn = Callable[..., Any]
 
 
 @dataclass(frozen=True)
 class Network:
-    """Fake-tensor modules with their learners (and optimizers), built by trgl_dist itself."""
+    """The modules with their learners (and optimizers), built by trgl_dist itself, and the
+    mode they were built in (fake tensors; a null context for real ones)."""
 
     config: Config
     spec: InputSpec
     learners: list[ModuleLearner]
-    fake: FakeTensorMode
-    loss: LossFn = field(default=local_loss)  # the local objective: the package's by default
+    mode: AbstractContextManager[object]
 
     @property
     def modules(self) -> list[LocalModule]:
         return [learner.module for learner in self.learners]
 
+    @property
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        """Each optimizer once: E2E's learners share one."""
+        return list({id(lr.optimizer): lr.optimizer for lr in self.learners}.values())
+
+    def trainer(self) -> Trainer:
+        """One training batch of the config's regime: back-propagation through every module
+        (``end_to_end``) for e2e, else each module's ``train_step`` in turn (``chain``)."""
+        if self.config.train.regime == "e2e":
+            return end_to_end(self.learners)
+        return chain(self.learners)
+
+
+def build_in(
+    mode: AbstractContextManager[object],
+    config: Config,
+    spec: InputSpec,
+    counts: Sequence[int],
+    loss: LossFn = local_loss,
+) -> Network:
+    """The K modules and learners of ``config`` with ``counts`` blocks each, built in ``mode``
+    (E2E's learners share one optimizer), every learner training with the local loss ``loss``."""
+    with mode:
+        learners = build_learners(config, modules_for(config.model, spec, counts))
+    for learner in learners:
+        learner.loss_fn = loss
+    return Network(config, spec, learners, mode)
+
 
 def build_fake(
     config: Config, spec: InputSpec, counts: Sequence[int], loss: LossFn = local_loss
 ) -> Network:
-    """The K modules and learners of ``config`` with ``counts`` blocks each, as fake tensors."""
-    fake = FakeTensorMode()
-    m = config.model
-    with fake:
-        backbone = build_backbone(
-            m.name,
-            spec,
-            num_modules=m.modules,
-            width=m.width,
-            blocks_per_module=m.blocks_per_module,
-        )
-        modules = build_modules(backbone, counts, spec, head=m.head)
-        tau = taus(config, len(modules))
-        learners = [ModuleLearner(k, mod, config, tau[k]) for k, mod in enumerate(modules)]
-    return Network(config, spec, learners, fake, loss)
+    """``build_in`` as fake tensors: real shapes and dtypes, no storage, no compute."""
+    return build_in(FakeTensorMode(), config, spec, counts, loss)
 
 
-def local_step(
-    learner: ModuleLearner, x: Tensor, y: Tensor, loss_fn: LossFn = local_loss
-) -> Tensor:
-    """``ModuleLearner.train_step`` without what reads values (the finiteness check, the
-    meter): the same tensors are alive at the same moments, ``out`` until the return."""
-    learner.module.train()
-    out = learner.module(x.detach())
-    loss = loss_fn(
-        out.logits,
-        y,
-        out.residues,
-        method=learner.method.name,
-        tau=learner.tau,
-        transport_norm=learner.method.transport_norm,
-        label_smoothing=learner.method.label_smoothing,
-    )
-    learner.optimizer.zero_grad(set_to_none=True)
-    loss.total.backward()
-    learner.optimizer.step()
-    return out.h.detach()
-
-
-def lockstep_step(net: Network, batch_size: int) -> Step:
-    """One batch of the `parallel` regime: module k+1 trains on k's detached output while
-    the loop still holds the data batch and that output (as ``regimes/parallel.py``)."""
+def training_step(net: Network, batch_size: int) -> Step:
+    """One batch of the network's regime on fresh data (``Network.trainer``). In the
+    lock-step regime module k+1 trains on k's detached output while the loop still holds
+    the data batch and that output."""
     s = net.spec
+    trainer = net.trainer()
 
     def run() -> None:
         x = torch.randn(batch_size, s.channels, s.size, s.size)
         y = torch.randint(0, s.num_classes, (batch_size,))
-        h = x
-        for learner in net.learners:
-            h = local_step(learner, h, y, net.loss)
-
-    return run
-
-
-def e2e_parts(net: Network) -> tuple[list[nn.Parameter], torch.optim.Optimizer]:
-    """As ``regimes/e2e.py``: one optimizer over every body and the last head."""
-    params = [p for mod in net.modules for p in mod.body.parameters()]
-    params += list(net.modules[-1].head.parameters())
-    return params, build_optimizer(params, net.config)
-
-
-def e2e_step(net: Network, batch_size: int, optimizer: torch.optim.Optimizer) -> Step:
-    """One batch of back-propagation through the whole network (plain CE, as e2e.py)."""
-    s = net.spec
-
-    def run() -> None:
-        x = torch.randn(batch_size, s.channels, s.size, s.size)
-        y = torch.randint(0, s.num_classes, (batch_size,))
-        h, residues = x, []
-        for mod in net.modules:
-            mod.train()
-            h, block_residues = mod.features(h)
-            residues += block_residues
-        logits = net.modules[-1].head(h)
-        loss = local_loss(
-            logits, y, residues, method="vanilla", label_smoothing=net.config.method.label_smoothing
-        )
-        optimizer.zero_grad(set_to_none=True)
-        loss.total.backward()
-        optimizer.step()
+        trainer(x, y)
 
     return run
 
@@ -146,7 +118,7 @@ def stage_step(net: Network, stage: int, batch_size: int, buffers: list[Tensor])
         assert buffers is not None  # held for the whole step, like a full inbox and outbox
         x = torch.randn(batch_size, *in_shape)
         y = torch.randint(0, s.num_classes, (batch_size,))
-        local_step(learner, x, y, net.loss)
+        learner.train_step(x, y)
 
     return run
 
@@ -168,7 +140,7 @@ def stage_eval_step(net: Network, stage: int, batch_size: int, buffers: list[Ten
 
 def fake_batches(net: Network, shape: tuple[int, ...], batch_size: int, count: int) -> list[Tensor]:
     """``count`` wire batches as fake tensors: activations (B, *shape), labels and sample ids."""
-    with net.fake:
+    with net.mode:
         out: list[Tensor] = []
         for _ in range(count):
             out.append(torch.empty(batch_size, *shape))
@@ -188,7 +160,7 @@ def input_shape(net: Network, stage: int) -> tuple[int, ...]:
 def output_shape(net: Network, stage: int) -> tuple[int, ...]:
     """One sample's output shape of module ``stage``, by a fake forward (no compute)."""
     s = net.spec
-    with net.fake, torch.no_grad():
+    with net.mode, torch.no_grad():
         h = torch.empty(1, s.channels, s.size, s.size)
         for mod in net.modules[: stage + 1]:
             mod.eval()
@@ -202,7 +174,7 @@ def peak_of(net: Network, step: Step, tracked: Sequence[object]) -> dict[str, fl
     The first call, untracked, creates the gradients and the optimizer state (momentum
     exists only after the first ``step()``); the second is the steady state.
     """
-    with net.fake:
+    with net.mode:
         step()
         tracker = MemTracker()
         tracker.track_external(*tracked)

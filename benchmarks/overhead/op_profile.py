@@ -5,8 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from timing import METHODS, LossFn, Setting, build_pair, loss_impl, timed_step
+from timing import METHODS, Setting, build_pair, timed_step
 from torch.profiler import ProfilerActivity, profile
+
+from trgl_dist.method import local_loss
+from trgl_dist.training.learner import LossFn
 
 #: Backward nodes listed in the profile table: the most extra TRGL time first.
 TOP_OPS = 8
@@ -14,21 +17,21 @@ BACKWARD_NODE = "autograd::engine::evaluate_function: "
 
 
 def op_times(
-    setting: Setting, modules: int, steps: int, loss: LossFn | None = None
+    setting: Setting, modules: int, steps: int, loss: LossFn = local_loss
 ) -> dict[str, dict[str, float]]:
     """CPU milliseconds per step of every autograd backward node (children included) and the
-    self time of every other op, for each method (one thread)."""
+    self time of every other op, for each method (one thread), with the local loss ``loss``."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        pair = build_pair(setting, modules)
+        pair = build_pair(setting, modules, loss)
         s = setting.spec
         x = torch.randn(setting.batch_size, s.channels, s.size, s.size)
         y = torch.randint(0, s.num_classes, (setting.batch_size,))
         out = {}
         for method in METHODS:
             timed_step(pair[method], x, y)  # warm
-            with loss_impl(loss), profile(activities=[ProfilerActivity.CPU]) as prof:
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
                 for _ in range(steps):
                     timed_step(pair[method], x, y)
             out[method] = {e.key: op_ms(e) / steps for e in prof.key_averages()}

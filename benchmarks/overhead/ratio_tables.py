@@ -4,24 +4,32 @@ from __future__ import annotations
 
 from typing import Any
 
+from benchenv import environment_lines, markdown_table
+
+RATIO_HEADER = (
+    "K | VanGL step s | TRGL step s | ratio TRGL/VanGL | paired ratio median [min, max] "
+    "| target met | per-module ratio"
+)
+
 
 def ratio_table(rows: list[dict[str, Any]], target: float) -> str:
     """One row per K: median step times, their ratio, the paired ratios, per-module ratios."""
-    head = (
-        "| K | VanGL step s | TRGL step s | ratio TRGL/VanGL | paired ratio median [min, max] "
-        "| target met | per-module ratio |\n|---|---|---|---|---|---|---|\n"
+    return markdown_table(
+        RATIO_HEADER,
+        (
+            [
+                str(r["modules"]),
+                f"{r['median_step_s']['vanilla']:.3f}",
+                f"{r['median_step_s']['trgl']:.3f}",
+                f"{r['ratio']:.3f}",
+                f"{r['paired_ratio_median']:.3f} "
+                f"[{r['paired_ratio_min']:.3f}, {r['paired_ratio_max']:.3f}]",
+                "yes" if r["ratio"] <= target else "no",
+                " ".join(f"{x:.3f}" for x in r["per_module_ratio"]),
+            ]
+            for r in rows
+        ),
     )
-    lines = []
-    for r in rows:
-        median = r["median_step_s"]
-        modules = " ".join(f"{x:.3f}" for x in r["per_module_ratio"])
-        lines.append(
-            f"| {r['modules']} | {median['vanilla']:.3f} | {median['trgl']:.3f} "
-            f"| {r['ratio']:.3f} | {r['paired_ratio_median']:.3f} "
-            f"[{r['paired_ratio_min']:.3f}, {r['paired_ratio_max']:.3f}] "
-            f"| {'yes' if r['ratio'] <= target else 'no'} | {modules} |"
-        )
-    return head + "\n".join(lines) + "\n"
 
 
 def profile_table(profile: dict[str, Any]) -> str:
@@ -29,21 +37,18 @@ def profile_table(profile: dict[str, Any]) -> str:
     head = (
         f"K = {profile['modules']}, CPU ms per step of each autograd backward node "
         "(torch.profiler, the node's kernels included), most extra TRGL time first:\n\n"
-        "| backward node | VanGL ms | TRGL ms | TRGL - VanGL ms |\n|---|---|---|---|\n"
     )
-    lines = [
-        f"| `{r['op']}` | {r['vanilla_ms']:.1f} | {r['trgl_ms']:.1f} | {r['extra_ms']:+.1f} |"
-        for r in profile["ops"]
-    ]
-    return head + "\n".join(lines) + "\n"
-
-
-def environment_lines(env: dict[str, Any]) -> str:
-    """Machine, versions and the exact command, from the results file."""
-    return (
-        f"Machine: {env['cpu_model']}, {env['cpus']} CPUs, {env.get('memory_gib', '?')} GiB, "
-        f"{env['platform']}, {env['libc']}. Python {env['python']}, torch {env['torch']}, "
-        f"torchvision {env['torchvision']}. Command: `{env['command']}`\n"
+    return head + markdown_table(
+        "backward node | VanGL ms | TRGL ms | TRGL - VanGL ms",
+        (
+            [
+                f"`{r['op']}`",
+                f"{r['vanilla_ms']:.1f}",
+                f"{r['trgl_ms']:.1f}",
+                f"{r['extra_ms']:+.1f}",
+            ]
+            for r in profile["ops"]
+        ),
     )
 
 
@@ -58,7 +63,8 @@ def report(results: dict[str, Any]) -> str:
             f"method, interleaved. Target: ratio <= {target}.\n",
             "### TRGL vs VanGL: trgl_dist (transport gradient added by hooks)\n",
             ratio_table(results["package"], target),
-            "### The same with W in the autograd graph (graph_loss.py, the literal loss)\n",
+            "### The same with W in the autograd graph "
+            "(`trgl_dist.method.literal_local_loss`, the literal loss)\n",
             ratio_table(results["graph"], target),
             "### Where the extra time goes: trgl_dist\n",
             profile_table(results["profile"]["package"]),

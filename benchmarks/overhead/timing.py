@@ -5,8 +5,6 @@ from __future__ import annotations
 import copy
 import statistics
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,12 +12,11 @@ import torch
 from benchenv import NetworkSetting
 from torch import Tensor
 
-import trgl_dist.training.learner
-from trgl_dist.network.build import build_network
-from trgl_dist.training.learner import ModuleLearner, taus
+from trgl_dist.method import local_loss
+from trgl_dist.training.build import build_network
+from trgl_dist.training.learner import LossFn, ModuleLearner, build_learners
 
 METHODS = ("vanilla", "trgl")
-LossFn = Callable[..., Any]
 
 
 @dataclass(frozen=True)
@@ -31,21 +28,24 @@ class Setting(NetworkSetting):
     seed: int = 0
 
 
-def build_pair(setting: Setting, modules: int) -> dict[str, list[ModuleLearner]]:
-    """Learners of both methods on copies of the same initial modules (trgl_dist's build)."""
+def build_pair(
+    setting: Setting, modules: int, loss: LossFn = local_loss
+) -> dict[str, list[ModuleLearner]]:
+    """Learners of both methods on copies of the same initial modules (trgl_dist's build),
+    training with the local objective ``loss`` (the package's ``local_loss`` by default)."""
     torch.manual_seed(setting.seed)
     mods, _ = build_network(setting.config(modules, "trgl"), setting.spec)
     out = {}
     for method in METHODS:
-        config = setting.config(modules, method)
-        tau = taus(config, modules)
-        copies = copy.deepcopy(mods)
-        out[method] = [ModuleLearner(k, m, config, tau[k]) for k, m in enumerate(copies)]
+        out[method] = build_learners(setting.config(modules, method), copy.deepcopy(mods))
+        for learner in out[method]:
+            learner.loss_fn = loss
     return out
 
 
 def timed_step(learners: list[ModuleLearner], x: Tensor, y: Tensor) -> list[float]:
-    """One lock-step batch (``regimes/parallel.py``): seconds of each module's train_step."""
+    """One lock-step batch (``trgl_dist.training.learner.chain``, the `parallel` regime's
+    step), timed module by module: seconds of each module's train_step."""
     seconds = []
     h = x
     for learner in learners:
@@ -96,29 +96,12 @@ def summarize(times: dict[str, list[list[float]]]) -> dict[str, Any]:
     }
 
 
-@contextmanager
-def loss_impl(loss: LossFn | None) -> Iterator[None]:
-    """Use ``loss`` as the learners' local loss inside the block (None: the package's).
-
-    ``ModuleLearner.train_step`` calls the ``local_loss`` name of ``trgl_dist.training.learner``.
-    """
-    original = trgl_dist.learner.local_loss
-    if loss is not None:
-        trgl_dist.learner.local_loss = loss
-    try:
-        yield
-    finally:
-        trgl_dist.learner.local_loss = original
-
-
-def compare(setting: Setting, modules: int, loss: LossFn | None = None) -> dict[str, Any]:
-    """VanGL vs TRGL on one model and K, one thread, warm, interleaved."""
+def compare(setting: Setting, modules: int, loss: LossFn = local_loss) -> dict[str, Any]:
+    """VanGL vs TRGL on one model and K, one thread, warm, interleaved, with ``loss``."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        pair = build_pair(setting, modules)
-        with loss_impl(loss):
-            result = summarize(interleaved(pair, setting))
+        result = summarize(interleaved(build_pair(setting, modules, loss), setting))
     finally:
         torch.set_num_threads(threads)
     return {"modules": modules, **result}

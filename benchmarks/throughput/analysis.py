@@ -6,37 +6,38 @@ import json
 from pathlib import Path
 from typing import Any
 
-from trgl_dist.metrics.runlog import read_metrics
+from trgl_dist.metrics.records import EndRecord, Record, StageRecord, read_records
+from trgl_dist.rundir import METRICS_FILE, SUMMARY_FILE
 
 
-def _elapsed(record: dict[str, Any]) -> float:
+def _elapsed(record: StageRecord) -> float:
     """A stage record's seconds since the stage started (it carries samples and their rate)."""
-    rate = record.get("samples_per_s") or 0.0
-    return record["samples"] / rate if rate > 0 else 0.0
+    rate = record.samples_per_s
+    return record.samples / rate if rate > 0 else 0.0
 
 
-def steady_rate(records: list[dict[str, Any]], stage: int) -> tuple[float, str]:
+def steady_rate(records: list[Record], stage: int) -> tuple[float, str]:
     """The last stage's samples/s after its first periodic record (start-up and fill
     excluded), or over its whole life when the run was too short to hold one."""
-    mine = [r for r in records if r.get("stage") == stage and r.get("kind") in ("stage", "end")]
-    end = [r for r in mine if r["kind"] == "end"][-1]
-    first = next((r for r in mine if r["kind"] == "stage" and r.get("samples", 0) > 0), None)
-    if first is not None and end["samples"] > first["samples"]:
+    mine = [r for r in records if isinstance(r, StageRecord) and r.stage == stage]
+    end = [r for r in mine if isinstance(r, EndRecord)][-1]
+    first = next((r for r in mine if type(r) is StageRecord and r.samples > 0), None)
+    if first is not None and end.samples > first.samples:
         seconds = _elapsed(end) - _elapsed(first)
-        return (end["samples"] - first["samples"]) / seconds, "steady (after first stage record)"
-    return float(end["samples_per_s"]), "whole stage life (fill included)"
+        return (end.samples - first.samples) / seconds, "steady (after first stage record)"
+    return float(end.samples_per_s), "whole stage life (fill included)"
 
 
-def stage_rows(records: list[dict[str, Any]], summary: dict[str, Any], batch: int) -> list[dict]:
+def stage_rows(records: list[Record], summary: dict[str, Any], batch: int) -> list[dict]:
     """Per stage: busy/wait fractions, send seconds per batch, transport/compute."""
-    ends = {r["stage"]: r for r in records if r.get("kind") == "end"}
+    ends = {r.stage: r for r in records if isinstance(r, EndRecord)}
     rows = []
     for stage in summary["stages"]:
         end = ends[stage["stage"]]
-        steps = max(end["samples"] / batch, 1.0)
-        compute = end["busy_s"] / steps
-        sent = end.get("batches_sent") or 0
-        send = end["seconds_sending"] / sent if sent else None
+        steps = max(end.samples / batch, 1.0)
+        compute = end.busy_s / steps
+        sent = end.batches_sent
+        send = end.seconds_sending / sent if sent else None
         rows.append(
             {
                 "stage": stage["stage"],
@@ -46,7 +47,7 @@ def stage_rows(records: list[dict[str, Any]], summary: dict[str, Any], batch: in
                 "compute_s_per_step": compute,
                 "send_s_per_batch": send,
                 "transport_over_compute": send / compute if send is not None else None,
-                "bytes_per_batch": end["bytes_sent"] / sent if sent else None,
+                "bytes_per_batch": end.bytes_sent / sent if sent else None,
             }
         )
     return rows
@@ -54,8 +55,8 @@ def stage_rows(records: list[dict[str, Any]], summary: dict[str, Any], batch: in
 
 def pipeline_numbers(run_dir: Path, batch: int, stage_step_s: list[float]) -> dict[str, Any]:
     """Everything (c) reports, with efficiency against the slowest standalone stage."""
-    summary = json.loads((run_dir / "summary.json").read_text())
-    records = read_metrics(run_dir / "metrics.jsonl")
+    summary = json.loads((run_dir / SUMMARY_FILE).read_text())
+    records = read_records(run_dir / METRICS_FILE)
     last = max(s["stage"] for s in summary["stages"])
     rate, how = steady_rate(records, last)
     bound = batch / max(stage_step_s)

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -16,9 +15,9 @@ from torch import Tensor
 
 from trgl_dist.config import Config
 from trgl_dist.data import build_datasets, make_loader
-from trgl_dist.network.build import build_network
 from trgl_dist.network.modules import LocalModule
-from trgl_dist.training.learner import ModuleLearner, taus
+from trgl_dist.training.build import build_network
+from trgl_dist.training.learner import Trainer
 
 
 @dataclass(frozen=True)
@@ -82,13 +81,9 @@ def build(setting: Setting, regime: str) -> tuple[Config, list[LocalModule], Any
     return config, modules, train_set
 
 
-def learners_of(config: Config, modules: list[LocalModule]) -> list[ModuleLearner]:
-    tau = taus(config, len(modules))
-    return [ModuleLearner(k, m, config, tau[k], 1) for k, m in enumerate(modules)]
-
-
 def batches(config: Config, train_set: Any) -> Iterator[tuple[Tensor, Tensor]]:
-    """The training batches of epoch 0, through the same loader as every regime."""
+    """The training batches of epoch 0, from the package's loader as the regimes make it
+    on a CPU (no worker processes)."""
     loader = make_loader(
         train_set, config.data.batch_size, train=True, seed=config.train.seed, epoch=0
     )
@@ -96,7 +91,7 @@ def batches(config: Config, train_set: Any) -> Iterator[tuple[Tensor, Tensor]]:
         yield x, y
 
 
-def timed_steps(step: Callable[[Tensor, Tensor], None], data: Iterator, setting: Setting) -> dict:
+def timed_steps(step: Trainer, data: Iterator, setting: Setting) -> dict:
     """Run ``setting.steps`` steps (loading included); time the ones after the warm-up."""
     started = 0.0
     samples = 0
@@ -110,17 +105,6 @@ def timed_steps(step: Callable[[Tensor, Tensor], None], data: Iterator, setting:
             break
     seconds = time.perf_counter() - started
     return {"samples_per_s": samples / seconds, "timed_steps": setting.steps - setting.warmup}
-
-
-def median_step_seconds(step: Callable[[], None], warmup: int, repeats: int) -> float:
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
 
 
 def write_json(path: Path, data: dict) -> None:

@@ -13,18 +13,10 @@ from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import (  # noqa: E402
-    Setting,
-    batches,
-    build,
-    learners_of,
-    median_step_seconds,
-    timed_steps,
-    write_json,
-)
+from common import Setting, batches, build, timed_steps, write_json  # noqa: E402
 
-from trgl_dist.method import local_loss  # noqa: E402
-from trgl_dist.training.learner import build_optimizer  # noqa: E402
+from trgl_dist.network.split import median_seconds  # noqa: E402
+from trgl_dist.training.learner import Trainer, build_learners, chain, end_to_end  # noqa: E402
 from trgl_dist.training.stage import stage_modules  # noqa: E402
 
 log = logging.getLogger("throughput.local")
@@ -33,51 +25,26 @@ STAGE_REPEATS = 5
 
 
 def run_e2e(setting: Setting) -> dict:
-    """Back-propagation through every body and the last head: the e2e regime's step."""
+    """Back-propagation through every body and the last head: the e2e regime's step
+    (``end_to_end``, one optimizer shared by the learners)."""
     config, modules, train_set = build(setting, "e2e")
-    params = [p for m in modules for p in m.body.parameters()] + list(modules[-1].head.parameters())
-    optimizer = build_optimizer(params, config)
-    for module in modules:
-        module.train()
-
-    def step(x: Tensor, y: Tensor) -> None:
-        h = x
-        residues: list[Tensor] = []
-        for module in modules:
-            h, block_residues = module.features(h)
-            residues += block_residues
-        loss = local_loss(
-            modules[-1].head(h),
-            y,
-            residues,
-            method="vanilla",
-            label_smoothing=config.method.label_smoothing,
-            transport_norm=config.method.transport_norm,
-        )
-        optimizer.zero_grad(set_to_none=True)
-        loss.total.backward()
-        optimizer.step()
-
+    step = end_to_end(build_learners(config, modules))
     return timed_steps(step, batches(config, train_set), setting)
 
 
 def run_parallel(setting: Setting) -> dict:
-    """Each module's ModuleLearner.train_step in turn on the same batch: the parallel regime."""
+    """Each module's ModuleLearner.train_step in turn on the same batch: the parallel
+    regime's step (``chain``)."""
     config, modules, train_set = build(setting, "parallel")
-    learners = learners_of(config, modules)
-
-    def step(x: Tensor, y: Tensor) -> None:
-        h = x
-        for learner in learners:
-            h = learner.train_step(h, y)
-
+    step = chain(build_learners(config, modules))
     return timed_steps(step, batches(config, train_set), setting)
 
 
 def run_stages(setting: Setting, stages: int) -> dict:
-    """Median train-step seconds of each stage's modules alone, on that stage's real input."""
+    """Median train-step seconds of each stage's modules alone, on that stage's real input
+    (``median_seconds`` of the package's equal-time profile, after STAGE_WARMUP steps)."""
     config, modules, train_set = build(setting, "parallel")
-    learners = learners_of(config, modules)
+    learners = build_learners(config, modules)
     x, y = next(batches(config, train_set))
     seconds = []
     for stage in range(stages):
@@ -86,13 +53,14 @@ def run_stages(setting: Setting, stages: int) -> dict:
             h = x
             for learner in learners[: mine[0].index]:
                 h, _ = learner.module.features(h)
+        train = chain(mine)
 
-        def step(h: Tensor = h, mine: list = mine) -> None:
-            out = h
-            for learner in mine:
-                out = learner.train_step(out, y)
+        def step(h: Tensor = h, train: Trainer = train) -> None:
+            train(h, y)
 
-        seconds.append(median_step_seconds(step, STAGE_WARMUP, STAGE_REPEATS))
+        for _ in range(STAGE_WARMUP - 1):  # median_seconds warms up once more
+            step()
+        seconds.append(median_seconds(step, STAGE_REPEATS))
     return {"stage_step_s": seconds}
 
 

@@ -22,17 +22,19 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(1, str(Path(__file__).resolve().parents[2]))
+HERE = Path(__file__).resolve().parent
+# This folder, the repo root (trgl_dist without installing it) and benchmarks/ (benchenv).
+sys.path[:0] = [str(HERE), str(HERE.parents[1]), str(HERE.parent)]
 
 from analysis import pipeline_numbers  # noqa: E402
+from benchenv import splice_readme  # noqa: E402
 from common import Setting, config_of, write_json  # noqa: E402
-from tables import environment_info, markdown, splice_readme  # noqa: E402
+from tables import environment_info, markdown  # noqa: E402
 
 import launch  # noqa: E402
 from trgl_dist.data import build_datasets  # noqa: E402
-from trgl_dist.network.models import build_backbone  # noqa: E402
 from trgl_dist.network.split import balanced_partition, equal_depth, profile_times  # noqa: E402
+from trgl_dist.training.build import backbone_for  # noqa: E402
 
 log = logging.getLogger("throughput")
 PRESETS: dict[str, dict[str, Any]] = {
@@ -43,7 +45,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {"model": "resnet-small", "width": 4, "batch_size": 8, "steps": 4, "warmup": 1,
              "ks": (2,), "microbatches": (1,), "threads": (1,)},
 }  # fmt: skip
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = HERE / "results"
 TIMEOUT_S = 900.0
 MIN_MICROBATCH = 4
 
@@ -52,7 +54,7 @@ def equal_time_counts(setting: Setting, ks: tuple[int, ...]) -> dict:
     """Profile the blocks once (one thread, at the batch size) and split for every K."""
     config = config_of(setting, "parallel")
     _, _, spec = build_datasets(config.data, config.train.seed)
-    backbone = build_backbone(setting.model, spec, num_modules=max(ks), width=setting.width)
+    backbone = backbone_for(config.replace("model", modules=max(ks)).model, spec)
     profile = profile_times(backbone, spec, setting.batch_size, config.model.head)
     return {
         "block_ms": [1e3 * s for s in profile.blocks],
@@ -173,9 +175,8 @@ def main(argv: list[str] | None = None) -> int:
         write_json(args.results / f"{name}.json", result)
     table = markdown(result)
     (args.results / f"{name}.md").write_text(table)
-    readme = Path(__file__).parent / "README.md"
-    if args.results.resolve() == RESULTS.resolve() and readme.exists():
-        readme.write_text(splice_readme(readme.read_text(), name, table))
+    if args.results.resolve() == RESULTS.resolve():
+        splice_readme(HERE / "README.md", table, f"<!-- {name}:begin -->", f"<!-- {name}:end -->")
     log.info("wrote %s", args.results / f"{name}.md")
     return 0
 

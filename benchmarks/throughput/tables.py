@@ -174,13 +174,3 @@ def markdown(result: dict[str, Any]) -> str:
         *profile_lines(result),
     ]
     return "\n".join(lines)
-
-
-def splice_readme(readme: str, name: str, table: str) -> str:
-    """``readme`` with the generated ``table`` between the markers of ``name``, verbatim."""
-    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
-    if begin not in readme or end not in readme:
-        return readme
-    head, rest = readme.split(begin, 1)
-    _, tail = rest.split(end, 1)
-    return f"{head}{begin}\n{table.rstrip()}\n{end}{tail}"

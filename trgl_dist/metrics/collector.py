@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import json
 import logging
@@ -51,15 +52,22 @@ class CoordinatorSettings:
     receive_hwm: int = 100_000
     startup_timeout_s: float = 120.0
     tensorboard: bool = True
+    broadcast_every_s: float = 0.5  # "alive" to the ranks' watchdogs
+
+
+#: What the coordinator tells every rank's watchdog (runtime/watchdog.py), as the first frame.
+ALIVE, ABORT, DONE = b"alive", b"abort", b"done"
 
 
 @dataclass(frozen=True)
 class RunShape:
-    """What a record may name: the run's ranks, stages and modules."""
+    """What a record may name: the run's ranks, stages and modules; and how long a rank
+    may stay silent (no record, no heartbeat) before it counts as frozen."""
 
     world_size: int
     num_modules: int
     regime: str
+    silence_timeout_s: float | None = None  # None: never
 
     def stage_of(self, rank: int) -> int:
         return rank  # rank r runs stage r
@@ -80,8 +88,10 @@ class Collector:
         secret: bytes,
         settings: CoordinatorSettings,
         parent_pid: int | None,
+        broadcast: Any = None,
     ) -> None:
         self.runlog, self.sock, self.shape, self.settings = runlog, sock, shape, settings
+        self.broadcast = broadcast  # a PUB socket the ranks' watchdogs listen to (or None)
         self.secret = secret
         self.parent_pid = parent_pid
         self.extra: dict[str, Any] = {}  # added to summary.json
@@ -96,7 +106,9 @@ class Collector:
         self.signal: int | None = None
         self.signals = 0
         self.progress = ProgressLine(shape.num_modules, settings.progress_interval_s)
-        self.last_record_at = self.last_parent_check = time.monotonic()
+        self.last_record_at = self.last_parent_check = self.last_broadcast = time.monotonic()
+        self.heard = dict.fromkeys(range(shape.world_size), self.last_record_at)
+        self.frozen: Failure | None = None
 
     def run(self) -> int:
         self._install_signal_handlers()
@@ -107,6 +119,7 @@ class Collector:
                 self._drain()
             now = time.monotonic()
             self.progress.maybe_log(now)
+            self._tell(ALIVE, now)
             outcome = self._outcome(now)
             if outcome is not None:
                 return self._finish(outcome)
@@ -133,6 +146,7 @@ class Collector:
             except Rejected as why:
                 self._reject(str(why), sum(len(f) for f in frames))
                 continue
+            self.heard[rank] = time.monotonic()
             if rec is not None:
                 self._accept(rank, rec)
 
@@ -216,6 +230,7 @@ class Collector:
             # Ctrl-C): keep gathering the stages' last reports for the grace period.
             self.first_error_at = now
         self._check_parent(now)
+        self._check_silence(now)
         everyone = len(reporters(self.reports)) >= self.shape.world_size
         if self.first_error_at is None:
             if everyone:
@@ -238,6 +253,39 @@ class Collector:
             if self.first_error_at is None:
                 self.first_error_at = now
 
+    def _check_silence(self, now: float) -> None:
+        """A rank that has neither ended nor been heard for the silence timeout is frozen."""
+        limit = self.shape.silence_timeout_s
+        if limit is None or self.frozen is not None:
+            return
+        silent = [
+            rank
+            for rank, heard in self.heard.items()
+            if now - heard > limit and rank not in reporters(self.reports)
+        ]
+        if not silent:
+            return
+        rank = silent[0]
+        description = (
+            f"stage {self.shape.stage_of(rank)} (rank {rank}) stopped responding: nothing "
+            f"heard for {limit:.0f} s (frozen? --link-timeout)"
+        )
+        self.frozen = Failure(self.shape.stage_of(rank), rank, "frozen", description)
+        logger.info("%s; gathering reports", description)
+        if self.first_error_at is None:
+            self.first_error_at = now
+
+    def _tell(self, what: bytes, now: float, *detail: bytes) -> None:
+        """Broadcast to the ranks' watchdogs ("alive" at most every broadcast_every_s)."""
+        if self.broadcast is None:
+            return
+        if what == ALIVE and now - self.last_broadcast < self.settings.broadcast_every_s:
+            return
+        self.last_broadcast = now
+        # PUB drops what nobody listens to: what a broadcast may do.
+        with contextlib.suppress(zmq.ZMQError):
+            self.broadcast.send_multipart([what, *detail], zmq.NOBLOCK)
+
     def _idle_outcome(self, now: float) -> tuple[Failure] | None:
         idle = self.settings.idle_timeout_s
         if idle is None or now - self.last_record_at < idle:
@@ -248,8 +296,10 @@ class Collector:
 
     def _diagnose(self) -> Failure:
         failure = diagnose_failure(self.reports, self.shape.world_size)
-        if failure is not None:
+        if failure is not None and (self.frozen is None or failure.cause == "exception"):
             return failure
+        if self.frozen is not None:
+            return self.frozen
         if self.signal is not None:
             name = signal.Signals(self.signal).name
             return Failure(None, None, "interrupted", f"stopped by {name} (Ctrl-C or launcher)")
@@ -259,6 +309,14 @@ class Collector:
 
     def _finish(self, outcome: tuple[Failure | None]) -> int:
         (failure,) = outcome
+        if failure is None:
+            self._tell(DONE, time.monotonic())
+        else:
+            # Every rank stops now, wherever it waits; the culprit's node-mates stop it too
+            # (a frozen process would otherwise hold the launcher for its grace period).
+            culprit = b"" if failure.rank is None else str(failure.rank).encode()
+            detail = (failure.description.encode(), culprit, failure.cause.encode())
+            self._tell(ABORT, time.monotonic(), *detail)
         self.runlog.close()
         stats = {
             "received": self.received,

@@ -47,12 +47,20 @@ class CoordinatorJob:
     checkpoints: dict[str, Any] | None = None
 
 
+@dataclass(frozen=True)
+class CoordinatorAddresses:
+    """Where the ranks reach a running coordinator."""
+
+    records: str  # MetricsClients PUSH records and heartbeats here
+    watch: str  # the ranks' watchdogs SUBscribe here: alive, abort, done
+
+
 def start_coordinator(
     job: CoordinatorJob,
     settings: CoordinatorSettings | None = None,
     connect_host: str | None = None,
-) -> tuple[BaseProcess, str]:
-    """Spawn the coordinator; return it and the address MetricsClients connect to.
+) -> tuple[BaseProcess, CoordinatorAddresses]:
+    """Spawn the coordinator; return it and the addresses the ranks connect to.
 
     ``connect_host`` is the address other nodes reach this one by, used when the job binds
     a wildcard (tcp://0.0.0.0:PORT).
@@ -71,13 +79,15 @@ def start_coordinator(
     process.start()
     ready_send.close()
     try:
-        endpoint = _await_ready(process, ready_recv, settings.startup_timeout_s)
+        records, watch = _await_ready(process, ready_recv, settings.startup_timeout_s)
     finally:
         ready_recv.close()
-    return process, _connect_address(endpoint, connect_host)
+    return process, CoordinatorAddresses(
+        _connect_address(records, connect_host), _connect_address(watch, connect_host)
+    )
 
 
-def _await_ready(process: BaseProcess, ready: Connection, timeout_s: float) -> str:
+def _await_ready(process: BaseProcess, ready: Connection, timeout_s: float) -> tuple[str, str]:
     deadline = time.monotonic() + timeout_s
     while not ready.poll(0.1):
         if not process.is_alive() and not ready.poll(0):
@@ -95,7 +105,8 @@ def _await_ready(process: BaseProcess, ready: Connection, timeout_s: float) -> s
     if status != "ready":
         stop_coordinator(process, timeout_s=5)
         raise CoordinatorError(detail)
-    return str(detail)
+    records, watch = detail
+    return str(records), str(watch)
 
 
 def stop_coordinator(process: BaseProcess, timeout_s: float = 60.0) -> int | None:
@@ -129,6 +140,15 @@ def _bind_pull(context: zmq.Context[Any], bind: str, settings: CoordinatorSettin
     return sock
 
 
+def _bind_pub(context: zmq.Context[Any], records_endpoint: str) -> Any:
+    """The broadcast socket, on the records socket's interface, on a free port."""
+    sock = context.socket(zmq.PUB)
+    sock.setsockopt(zmq.LINGER, 500)  # an abort should reach the ranks before we exit
+    host = records_endpoint.partition("://")[2].rpartition(":")[0]
+    sock.bind(f"tcp://{host}:0")
+    return sock
+
+
 def run_coordinator(
     job: CoordinatorJob,
     settings: CoordinatorSettings | None = None,
@@ -139,6 +159,7 @@ def run_coordinator(
     """The coordinator's body; returns the exit code (0 done, 1 failed, 2 no bind)."""
     settings = settings or CoordinatorSettings()
     context: zmq.Context[Any] = zmq.Context()
+    broadcast = None
     try:
         try:
             sock = _bind_pull(context, job.bind, settings)
@@ -147,14 +168,18 @@ def run_coordinator(
                 ready.send(("error", f"metrics coordinator cannot bind {job.bind}: {exc.strerror}"))
             return 2
         endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        broadcast = _bind_pub(context, endpoint)
+        watch = broadcast.getsockopt_string(zmq.LAST_ENDPOINT)
         if ready is not None:
-            ready.send(("ready", endpoint))
+            ready.send(("ready", (endpoint, watch)))
             ready.close()
         logger.info("collecting metrics on %s into %s", endpoint, job.run_dir)
         runlog = RunLog(job.run_dir, append=job.append, tensorboard=settings.tensorboard)
-        state = Collector(runlog, sock, job.shape, job.secret, settings, parent_pid)
+        state = Collector(runlog, sock, job.shape, job.secret, settings, parent_pid, broadcast)
         state.extra = dict(job.extra)
         state.checkpoints = job.checkpoints
         return state.run()
     finally:
+        if broadcast is not None:
+            broadcast.close(linger=500)  # the last word (done or abort) should get out
         context.destroy(linger=0)

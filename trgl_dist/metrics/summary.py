@@ -15,6 +15,7 @@ from trgl_dist.metrics.records import (
     EpochRecord,
     EvalRecord,
     Record,
+    StageRecord,
     TrainRecord,
     of_kind,
 )
@@ -36,9 +37,20 @@ def module_summaries(records: Sequence[Record], num_modules: int) -> list[dict[s
     ]
 
 
+def cuda_peaks(records: Sequence[Record]) -> dict[int, float]:
+    """Each stage's highest CUDA peak over its records: the stage resets the allocator's peak
+    at every epoch, so each record holds its epoch's peak so far."""
+    peaks: dict[int, float] = {}
+    for rec in records:
+        if isinstance(rec, StageRecord) and rec.cuda_peak_mb is not None:
+            peaks[rec.stage] = max(peaks.get(rec.stage, 0.0), rec.cuda_peak_mb)
+    return peaks
+
+
 def stage_summaries(records: Sequence[Record]) -> list[dict[str, Any]]:
     """One entry per stage, from its last end record (a resumed run ends more than once)."""
     last_end: dict[int, EndRecord] = {r.stage: r for r in of_kind(records, EndRecord)}
+    peaks = cuda_peaks(records)
     stages = []
     for stage, end in sorted(last_end.items()):
         total = end.busy_s + end.wait_in_s + end.wait_out_s or 1.0  # all zero: shares are 0
@@ -53,7 +65,7 @@ def stage_summaries(records: Sequence[Record]) -> list[dict[str, Any]]:
                 "samples_per_s": end.samples_per_s,
                 "peak_rss_mb": end.peak_rss_mb,
                 "peak_tensor_mb": end.peak_tensor_mb,
-                "cuda_peak_mb": end.cuda_peak_mb,
+                "cuda_peak_mb": peaks.get(stage),
                 "bytes_sent": end.bytes_sent,
                 "staleness_mean": end.staleness_mean,
             }

@@ -39,6 +39,7 @@ PARAM_COPIES = 4
 PROBE_BATCH = 2
 #: Relative tolerance under which two partition costs count as equal (float sums).
 TIE_TOLERANCE = 1e-9
+CPU = torch.device("cpu")
 
 
 def equal_depth(num_blocks: int, num_modules: int) -> list[int]:
@@ -191,12 +192,19 @@ class TimeProfile:
     heads: list[float]  # heads[j]: a head (and its loss) on block j's output
 
 
-def median_seconds(run: Callable[[], None], repeats: int = TIME_REPEATS) -> float:
+def median_seconds(
+    run: Callable[[], None], repeats: int = TIME_REPEATS, device: torch.device = CPU
+) -> float:
+    """Median wall time of ``run`` after a warm-up; on GPU the device is synchronized around
+    each run, so the time is the kernels' and not only their launch."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda *args: None)
     run()  # warm-up: allocator and kernel selection
     times = []
     for _ in range(repeats):
+        sync(device)
         started = time.perf_counter()
         run()
+        sync(device)
         times.append(time.perf_counter() - started)
     return statistics.median(times)
 
@@ -217,7 +225,7 @@ def block_pass(layer: nn.Module, x: Tensor) -> Callable[[], None]:
 
 def head_pass(head: nn.Module, h: Tensor, num_classes: int) -> Callable[[], None]:
     """One forward+backward of a head with its cross-entropy, the gradient reaching ``h``."""
-    y = torch.arange(len(h)) % num_classes
+    y = torch.arange(len(h), device=h.device) % num_classes
 
     def run() -> None:
         nn.functional.cross_entropy(head(h), y).backward()
@@ -228,39 +236,53 @@ def head_pass(head: nn.Module, h: Tensor, num_classes: int) -> Callable[[], None
 
 
 def profile_times(
-    backbone: Backbone, spec: InputSpec, batch_size: int, head: str, repeats: int = TIME_REPEATS
+    backbone: Backbone,
+    spec: InputSpec,
+    batch_size: int,
+    head: str,
+    repeats: int = TIME_REPEATS,
+    device: torch.device = CPU,
 ) -> TimeProfile:
-    """Time every block and a head after it, one thread, on copies (the model is untouched,
-    its BatchNorm statistics and the global RNG too)."""
+    """Time every block and a head after it on ``device``, on copies (the model is
+    untouched, its BatchNorm statistics and the global RNG too). On CPU with one thread:
+    a pipeline stage runs with one (torchrun sets OMP_NUM_THREADS=1)."""
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    if device.type == "cpu":
+        torch.set_num_threads(1)
     try:
         with torch.random.fork_rng(devices=[]), torch.enable_grad():
-            return _profile(backbone, spec, batch_size, head, repeats)
+            return _profile(backbone, spec, batch_size, head, repeats, device)
     finally:
         torch.set_num_threads(threads)
 
 
 def _profile(
-    backbone: Backbone, spec: InputSpec, batch_size: int, head: str, repeats: int
+    backbone: Backbone,
+    spec: InputSpec,
+    batch_size: int,
+    head: str,
+    repeats: int,
+    device: torch.device,
 ) -> TimeProfile:
-    x = torch.rand(batch_size, spec.channels, spec.size, spec.size)
+    x = torch.rand(batch_size, spec.channels, spec.size, spec.size, device=device)
     layers: list[nn.Module] = [backbone.stem, *backbone.blocks]
     seconds: list[float] = []
     heads: list[float] = []
     by_shape: dict[tuple[int, ...], float] = {}  # blocks of one resolution share a head cost
     for index, layer in enumerate(layers):
-        probe = copy.deepcopy(layer).train()
+        probe = copy.deepcopy(layer).to(device).train()
         x = x.detach().requires_grad_(index > 0)  # the data needs no gradient
-        seconds.append(median_seconds(block_pass(probe, x), repeats))
+        seconds.append(median_seconds(block_pass(probe, x), repeats, device))
         with torch.no_grad():
             out = probe(x)
         x = out[0] if isinstance(probe, Block) else out
         shape = tuple(x.shape[1:])
         if index > 0 and shape not in by_shape:
-            aux = build_head(head, shape, spec.num_classes, backbone.layout).train()
+            aux = build_head(head, shape, spec.num_classes, backbone.layout).to(device).train()
             h = x.detach().requires_grad_(True)
-            by_shape[shape] = median_seconds(head_pass(aux, h, spec.num_classes), repeats)
+            by_shape[shape] = median_seconds(
+                head_pass(aux, h, spec.num_classes), repeats, device
+            )
         if index > 0:
             heads.append(by_shape[shape])
     return TimeProfile([seconds[0] + seconds[1], *seconds[2:]], heads)

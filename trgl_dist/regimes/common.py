@@ -8,8 +8,8 @@ from typing import Any
 import torch
 
 from trgl_dist.config import Config
-from trgl_dist.data import IndexedImages
 from trgl_dist.training.learner import ModuleLearner
+from trgl_dist.training.schedule import DataFeed
 from trgl_dist.training.snapshot import SaveCheckpoint
 from trgl_dist.training.stage import Send
 
@@ -20,8 +20,7 @@ class Context:
 
     config: Config
     learners: list[ModuleLearner]
-    train_set: IndexedImages
-    test_set: IndexedImages
+    feed: DataFeed  # the training and test batches
     device: torch.device
     record: Send
     save: SaveCheckpoint = lambda step, position: None

@@ -27,10 +27,10 @@ def train_lockstep(ctx: Context) -> None:
     worker = StageWorker(
         0,
         ctx.learners,
-        _with_progress_bar(batch_stream(config, ctx.train_set, ctx.test_set, ctx.start_step)),
+        _with_progress_bar(batch_stream(config, ctx.feed, ctx.start_step)),
         None,
         ctx.record,
-        stage_plan(config, ctx.train_set, ctx.start_step),
+        stage_plan(config, ctx.feed, ctx.start_step),
         device=ctx.device,
         trainer=end_to_end(ctx.learners) if e2e else chain(ctx.learners),
         scored=[len(ctx.learners) - 1] if e2e else None,

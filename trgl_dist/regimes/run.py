@@ -17,6 +17,7 @@ from trgl_dist.regimes import RUNNERS, Context
 from trgl_dist.rundir import CONFIG_FILE, run_directory
 from trgl_dist.training.build import build_network, resolve_split
 from trgl_dist.training.learner import build_learners
+from trgl_dist.training.schedule import DataFeed
 from trgl_dist.training.snapshot import restore, run_meta, single_process_saver
 
 log = logging.getLogger("trgl_dist")
@@ -46,9 +47,9 @@ def run_single_process(config: Config, resume: bool = False) -> int:
     last complete checkpoint)."""
     torch.manual_seed(config.train.seed)
     train_set, test_set, spec = build_datasets(config.data, config.train.seed)
-    config = resolve_split(config, spec)
-    modules, counts = build_network(config, spec)
     device = device_for_single_process()
+    config = resolve_split(config, spec, device)
+    modules, counts = build_network(config, spec)
     for module in modules:
         module.to(device)
     learners = build_learners(config, modules)
@@ -72,8 +73,7 @@ def run_single_process(config: Config, resume: bool = False) -> int:
     ctx = Context(
         config,
         learners,
-        train_set,
-        test_set,
+        DataFeed(config, train_set, test_set, device),
         device,
         LocalSink(runlog, len(modules)),
         save=save,

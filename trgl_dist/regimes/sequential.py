@@ -10,11 +10,9 @@ import torch
 from torch import Tensor
 
 from trgl_dist.config import module_epochs, scores_after
-from trgl_dist.data import steps_per_epoch
 from trgl_dist.metrics.records import EpochRecord, EvalTally, TrainRecord
 from trgl_dist.regimes.common import Context
 from trgl_dist.training.learner import ModuleLearner
-from trgl_dist.training.schedule import test_loader, train_loader
 from trgl_dist.training.stage import score_batch
 
 log = logging.getLogger(__name__)
@@ -48,7 +46,7 @@ def cached_inputs(
     The augmentation is therefore drawn once per sample, not once per epoch.
     """
     hs, ys = [], []
-    for x, y in _on_device(ctx, train_loader(ctx.config, ctx.train_set, epoch)):
+    for x, y in _on_device(ctx, ctx.feed.train_batches(epoch)):
         hs.append(frozen_forward(frozen, x).cpu())
         ys.append(y.cpu())
     h = torch.cat(hs)
@@ -60,7 +58,7 @@ def _module_batches(
     ctx: Context, frozen: Sequence[ModuleLearner], epoch: int, cache: tuple[Tensor, Tensor] | None
 ) -> Iterator[tuple[Tensor, Tensor]]:
     if cache is None:
-        for x, y in _on_device(ctx, train_loader(ctx.config, ctx.train_set, epoch)):
+        for x, y in _on_device(ctx, ctx.feed.train_batches(epoch)):
             yield frozen_forward(frozen, x), y
         return
     h, y = cache
@@ -78,8 +76,7 @@ def train_sequential(ctx: Context) -> None:
     (work since the last module epoch is redone)."""
     config = ctx.config
     laps = config.train.laps if config.train.regime == "multilap" else 1
-    per_epoch = steps_per_epoch(ctx.train_set, config.data.batch_size)
-    budgets = module_epochs(config.train, len(ctx.learners), per_epoch)
+    budgets = module_epochs(config.train, len(ctx.learners), ctx.feed.steps_per_epoch)
     schedule = [lap_epochs(n, laps) for n in budgets]
     done = list(ctx.position.get("epochs_done", [0] * len(ctx.learners)))  # epochs per module
     use_cache = config.train.cache_frozen and laps == 1
@@ -137,7 +134,7 @@ def _score(ctx: Context, learners: Sequence[ModuleLearner], epoch: int) -> None:
     """The test score of the last of ``learners`` (the one just trained)."""
     last = len(learners) - 1
     tally = EvalTally([learners[last].index], epoch)
-    for x, y in _on_device(ctx, test_loader(ctx.config, ctx.test_set)):
+    for x, y in _on_device(ctx, ctx.feed.test_batches()):
         score_batch(learners, [last], tally, x, y)
     for rec in tally.records([learners[last].steps], stage=0):
         ctx.record(rec)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
@@ -10,7 +11,9 @@ from trgl_dist.config import Config, ModelConfig
 from trgl_dist.errors import ConfigError
 from trgl_dist.network.models import Backbone, InputSpec, build_backbone
 from trgl_dist.network.modules import LocalModule, build_modules
-from trgl_dist.network.split import split_blocks
+from trgl_dist.network.split import profile_times, split_blocks
+
+CPU = torch.device("cpu")
 
 
 def backbone_for(model: ModelConfig, spec: InputSpec) -> Backbone:
@@ -27,8 +30,11 @@ def backbone_for(model: ModelConfig, spec: InputSpec) -> Backbone:
         raise ConfigError(f"model.name: {err}") from None
 
 
-def split_for(config: Config, backbone: Backbone, spec: InputSpec) -> list[int]:
-    """Blocks per module: the explicit counts, or the configured split of ``backbone``."""
+def split_for(
+    config: Config, backbone: Backbone, spec: InputSpec, device: torch.device = CPU
+) -> list[int]:
+    """Blocks per module: the explicit counts, or the configured split of ``backbone``
+    (an equal-time split is profiled on ``device``)."""
     m = config.model
     try:
         return split_blocks(
@@ -39,6 +45,7 @@ def split_for(config: Config, backbone: Backbone, spec: InputSpec) -> list[int]:
             m.split_counts,
             batch_size=config.data.batch_size,
             head=m.head,
+            profiler=functools.partial(profile_times, device=device),
         )
     except ValueError as err:
         raise ConfigError(f"model.split: {err}") from None
@@ -66,14 +73,14 @@ def build_network(config: Config, spec: InputSpec) -> tuple[list[LocalModule], l
     return build_modules(backbone, counts, spec, head=config.model.head), counts
 
 
-def resolve_split(config: Config, spec: InputSpec) -> Config:
+def resolve_split(config: Config, spec: InputSpec, device: torch.device = CPU) -> Config:
     """An equal-time split is measured, so it can differ from one process or run to the next:
     measure it once and make it explicit (``split_counts``), so that every rank, the written
     config.toml and a resumed run all use the same counts."""
     if config.model.split != "equal-time" or config.model.split_counts:
         return config
     with torch.random.fork_rng(devices=[]):  # the weights drawn afterwards stay the same
-        counts = split_for(config, backbone_for(config.model, spec), spec)
+        counts = split_for(config, backbone_for(config.model, spec), spec, device)
     return config.replace("model", split_counts=tuple(counts))
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from typing import Any
 
 from torch import Tensor
 
@@ -31,6 +32,7 @@ class Batch:
     y: Tensor | None  # labels, int64 (B,)
     ids: Tensor | None  # sample ids, int64 (B,)
     message: str = ""  # the cause for ERROR, optional for END
+    ready: Any = None  # on GPU: the CUDA event after which x is complete (set at handoff)
 
     def nbytes(self) -> int:
         """Bytes of the tensors and message this batch holds."""

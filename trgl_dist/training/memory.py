@@ -13,8 +13,10 @@ MIB = 2**20
 
 
 def state_bytes(learners: Sequence[ModuleLearner]) -> int:
-    """Bytes of the parameters, gradients and optimizer state of ``learners``."""
-    return sum(t.numel() * t.element_size() for lr in learners for t in _state_tensors(lr))
+    """Bytes of the parameters, gradients and optimizer state of ``learners``, each tensor
+    once (e2e's learners share one optimizer)."""
+    unique = {id(t): t for lr in learners for t in _state_tensors(lr)}
+    return sum(t.numel() * t.element_size() for t in unique.values())
 
 
 def _state_tensors(learner: ModuleLearner) -> Iterator[torch.Tensor]:

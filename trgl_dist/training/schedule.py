@@ -10,53 +10,64 @@ import time
 from collections.abc import Iterator
 from typing import Any, Protocol
 
-from torch.utils.data import DataLoader
+import torch
 
 from trgl_dist.config import Config, planned_epochs, scores_after
-from trgl_dist.data import IndexedImages, make_loader, steps_per_epoch
+from trgl_dist.data import EpochLoader, IndexedImages, loader_workers, steps_per_epoch
 from trgl_dist.training.items import Batch, Kind
 from trgl_dist.training.stage import StagePlan
+
+CPU = torch.device("cpu")
 
 
 class Inbox(Protocol):
     def get(self) -> tuple[Batch, float]: ...
 
 
-def stage_plan(config: Config, train_set: IndexedImages, start_step: int = 0) -> StagePlan:
+class DataFeed:
+    """A run's two loaders, training and test, made once so their worker processes (if
+    any) persist; pinned batches on GPU."""
+
+    def __init__(
+        self,
+        config: Config,
+        train_set: IndexedImages,
+        test_set: IndexedImages,
+        device: torch.device = CPU,
+    ) -> None:
+        d = config.data
+        workers, pin = loader_workers(d.workers, device), device.type == "cuda"
+        seed = config.train.seed
+        self.train = EpochLoader(
+            train_set, d.batch_size, train=True, seed=seed, workers=workers, pin_memory=pin
+        )
+        self.test = EpochLoader(
+            test_set, 2 * d.batch_size, train=False, seed=seed, workers=workers, pin_memory=pin
+        )
+        self.steps_per_epoch = steps_per_epoch(train_set, d.batch_size)
+
+    def train_batches(self, epoch: int, skip: int = 0) -> Iterator[Any]:
+        """The training batches (x, y, ids) of ``epoch``, from batch ``skip`` on."""
+        return self.train.epoch(epoch, skip)
+
+    def test_batches(self) -> Iterator[Any]:
+        """The test (or validation) batches (x, y, ids), in a fixed order."""
+        return self.test.epoch(0)
+
+
+def stage_plan(config: Config, feed: DataFeed, start_step: int = 0) -> StagePlan:
     """When a stage following this schedule reports and checkpoints."""
     t = config.train
     return StagePlan(
         log_every=t.log_every,
         checkpoint_every=t.checkpoint_every,
         start_step=start_step,
-        steps_per_epoch=steps_per_epoch(train_set, config.data.batch_size),
-    )
-
-
-def train_loader(config: Config, train_set: IndexedImages, epoch: int, skip: int = 0) -> DataLoader:
-    """The training batches (x, y, ids) of ``epoch``, from batch ``skip`` on (a resumed run)."""
-    d = config.data
-    return make_loader(
-        train_set,
-        d.batch_size,
-        train=True,
-        seed=config.train.seed,
-        epoch=epoch,
-        workers=d.workers,
-        skip_batches=skip,
-    )
-
-
-def test_loader(config: Config, test_set: IndexedImages) -> DataLoader:
-    """The test (or validation) batches (x, y, ids), in a fixed order, twice the train batch."""
-    d = config.data
-    return make_loader(
-        test_set, 2 * d.batch_size, train=False, seed=config.train.seed, epoch=0, workers=d.workers
+        steps_per_epoch=feed.steps_per_epoch,
     )
 
 
 def batch_stream(
-    config: Config, train_set: IndexedImages, test_set: IndexedImages, start_step: int = 0
+    config: Config, feed: DataFeed, start_step: int = 0
 ) -> Iterator[tuple[Batch, float]]:
     """(batch, seconds spent producing it). Step numbers count training batches from 1.
 
@@ -64,21 +75,21 @@ def batch_stream(
     """
     t = config.train
     step = start_step
-    per_epoch = steps_per_epoch(train_set, config.data.batch_size)
+    per_epoch = feed.steps_per_epoch
     first_epoch, skip = divmod(start_step, per_epoch)
     last_epoch = final_epoch(config, per_epoch)
     epoch = first_epoch
     for epoch in range(first_epoch, last_epoch + 1):
         if 0 < t.max_steps <= step:  # resumed from the run's last step
             break
-        loader = train_loader(config, train_set, epoch, skip if epoch == first_epoch else 0)
-        for (x, y, ids), waited in _timed(iter(loader)):
+        batches = feed.train_batches(epoch, skip if epoch == first_epoch else 0)
+        for (x, y, ids), waited in _timed(batches):
             step += 1
             yield Batch(Kind.TRAIN, step, epoch, x, y, ids), waited
             if 0 < t.max_steps <= step:
                 break
         if scores_after(t, epoch, last_epoch):
-            for (x, y, ids), waited in _timed(iter(test_loader(config, test_set))):
+            for (x, y, ids), waited in _timed(feed.test_batches()):
                 yield Batch(Kind.EVAL, step, epoch, x, y, ids), waited
     yield Batch(Kind.END, step, epoch, None, None, None), 0.0
 

@@ -7,6 +7,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from trgl_dist.checkpoints import files as ckpt
 from trgl_dist.checkpoints import manifest as layout
 from trgl_dist.config import Config
@@ -35,10 +37,18 @@ def run_meta(
     }
 
 
+def device_of(learners: Sequence[ModuleLearner]) -> torch.device:
+    """The device the stage's modules live on."""
+    for learner in learners:
+        for p in learner.module.parameters():
+            return p.device
+    return torch.device("cpu")
+
+
 def stage_state(learners: Sequence[ModuleLearner], step: int, position: dict[str, Any]) -> dict:
     return {
         "learners": {str(learner.index): learner.state_dict() for learner in learners},
-        "rng": ckpt.rng_state(),
+        "rng": ckpt.rng_state(device_of(learners)),
         "step": step,
         "position": position,
     }
@@ -84,6 +94,6 @@ def restore(
                 f"checkpoint step {step}, module {learner.index + 1}: "
                 f"does not fit ({first_line(err)})"
             ) from None
-    ckpt.restore_rng(state["rng"])
+    ckpt.restore_rng(state["rng"], device_of(learners))
     log.info("resuming from checkpoint step %d", step)
     return step, dict(state.get("position", {}))

@@ -25,7 +25,14 @@ from trgl_dist.metrics.records import (
 )
 from trgl_dist.training.items import Batch, Kind
 from trgl_dist.training.learner import ModuleLearner, Trainer, chain
-from trgl_dist.training.memory import MIB, cuda_peak_mb, peak_rss_mb, state_bytes
+from trgl_dist.training.memory import (
+    MIB,
+    cuda_peak_mb,
+    peak_rss_mb,
+    reset_cuda_peak,
+    state_bytes,
+)
+from trgl_dist.training.timing import Timer, timer_for
 
 log = logging.getLogger(__name__)
 Send = Callable[[Record], Any]
@@ -55,6 +62,11 @@ def stage_modules(num_modules: int, world_size: int, stage: int) -> range:
     base, extra = divmod(num_modules, world_size)
     start = stage * base + min(stage, extra)
     return range(start, start + base + (1 if stage < extra else 0))
+
+
+def _on(device: torch.device, t: torch.Tensor) -> torch.Tensor:
+    """``t`` on ``device``; from pinned memory the copy does not block the host."""
+    return t.to(device, non_blocking=True)
 
 
 def score_batch(
@@ -87,9 +99,8 @@ class StagePlan:
 
 @dataclass
 class StageClock:
-    """Where a stage's time goes: busy computing, waiting for input, waiting to pass output on."""
+    """Host time waiting for input and to pass output on (busy time is the timer's)."""
 
-    busy: float = 0.0
     wait_in: float = 0.0
     wait_out: float = 0.0
     samples: int = 0
@@ -118,6 +129,7 @@ class StageWorker:
         *,
         device: torch.device,
         rank: int | None = None,
+        timer: Timer | None = None,
         trainer: Trainer | None = None,
         scored: Sequence[int] | None = None,
         inbox: Buffer | None = None,
@@ -127,6 +139,7 @@ class StageWorker:
         self.stage, self.learners, self.source, self.outbox = stage, list(learners), source, outbox
         self.send, self.plan, self.device, self.inbox = send, plan, device, inbox
         self.rank = stage if rank is None else rank
+        self.timer = timer or timer_for(device)
         self.trainer = trainer or chain(self.learners)
         self.scored = list(range(len(self.learners)) if scored is None else scored)
         self.links = links  # the Receiver/Sender threads, for their transfer statistics
@@ -151,9 +164,9 @@ class StageWorker:
                 return
             if batch.kind != Kind.EVAL:
                 self._flush_eval()
-            started = time.perf_counter()
+            token = self.timer.start()
             out = self._train(batch) if batch.kind == Kind.TRAIN else self._score(batch)
-            self.clock.busy += time.perf_counter() - started
+            self.timer.stop(token)
             if out is not None:
                 self._pass_on(out)
             self._maybe_record()
@@ -165,7 +178,8 @@ class StageWorker:
             self._checkpoint()  # the epoch's end, when no test pass marked it
             self._epoch_done()
             self.last_epoch = batch.epoch
-        h = self.trainer(batch.x.to(self.device), batch.y.to(self.device))
+        x, y = _on(self.device, batch.x), _on(self.device, batch.y)
+        h = self.trainer(x, y)
         for learner in self.learners:
             if learner.meter.steps and learner.steps % self.plan.log_every == 0:
                 self._record_train(learner)
@@ -185,8 +199,8 @@ class StageWorker:
         if self.tally.epoch != batch.epoch:  # the epoch's test pass begins: checkpoint first
             self._checkpoint()
             self.tally = self._new_tally(batch.epoch)
-        h = score_batch(self.learners, self.scored, self.tally, batch.x.to(self.device),
-                        batch.y.to(self.device))
+        x, y = _on(self.device, batch.x), _on(self.device, batch.y)
+        h = score_batch(self.learners, self.scored, self.tally, x, y)
         return Batch(Kind.EVAL, batch.step, batch.epoch, h, batch.y, batch.ids)
 
     def _checkpoint(self) -> None:
@@ -229,6 +243,8 @@ class StageWorker:
     def _epoch_done(self) -> None:
         for learner in self.learners:
             self._record_train(learner)
+        self.send(StageRecord(**self.totals()))  # with this epoch's CUDA peak, before reset
+        reset_cuda_peak(self.device)
         # Once per schedule: e2e's modules share one optimizer and its schedule.
         schedules = {id(lr.scheduler): lr.scheduler for lr in self.learners}
         with warnings.catch_warnings():
@@ -268,14 +284,29 @@ class StageWorker:
     def _finish(self, end: Batch) -> None:
         self._checkpoint()
         self._epoch_done()
+        self.timer.settle()
         if self.outbox is not None:
             self.clock.wait_out += self.outbox.put(end)
         self.send(EndRecord(**self.totals()))
+
+    def _shares(self, elapsed: float) -> tuple[float, float, float]:
+        """(busy, waiting for input, waiting for output) seconds. On GPU busy is device time
+        (CUDA events); the rest of the wall time is waiting, split between input and output
+        as the host's blocked time was."""
+        busy = self.timer.busy_s()
+        c = self.clock
+        if not self.timer.device_based:
+            return busy, c.wait_in, c.wait_out
+        idle = max(elapsed - busy, 0.0)
+        blocked = c.wait_in + c.wait_out
+        share_in = c.wait_in / blocked if blocked else 1.0
+        return busy, idle * share_in, idle * (1.0 - share_in)
 
     def totals(self) -> dict[str, Any]:
         """Cumulative timing, throughput, transfers and memory of this stage."""
         c = self.clock
         elapsed = time.perf_counter() - c.started
+        busy, wait_in, wait_out = self._shares(elapsed)
         staleness = self.inbox.stats().get("mean_staleness") if self.inbox else None
         link_stats = {key: value for link in self.links for key, value in link.stats().items()}
         return {
@@ -284,9 +315,9 @@ class StageWorker:
             "stage": self.stage,
             "rank": self.rank,
             "modules": tuple(learner.index for learner in self.learners),
-            "busy_s": c.busy,
-            "wait_in_s": c.wait_in,
-            "wait_out_s": c.wait_out,
+            "busy_s": busy,
+            "wait_in_s": wait_in,
+            "wait_out_s": wait_out,
             "samples": c.samples,
             "samples_per_s": c.samples / elapsed if elapsed else 0.0,
             "inbox_depth": self.inbox.depth if self.inbox else 0,
