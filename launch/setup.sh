@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Installs everything trgl_dist needs on a fresh machine: the package with its pinned
-# torch/torchvision, the dev tools, and the offline Fashion-MNIST (Debian package).
+# Installs everything trgl_dist needs on a fresh machine: the package with the tested
+# torch/torchvision (launch/constraints.txt), the dev tools, iproute2 (the two-node test)
+# and the offline Fashion-MNIST (Debian package).
 # Idempotent: a second run only checks.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,8 +17,15 @@ if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then
   fi
 fi
 
+if ! command -v ip >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  echo "setup: installing iproute2 (the two-node test's network namespaces)"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iproute2 >/dev/null
+fi
+
 extras=${TRGL_EXTRAS:-dev}
-echo "setup: pip install -e .[$extras] (torch==2.14.1, torchvision==0.29.1)"
-python3 -m pip install -q --disable-pip-version-check -e ".[$extras]" 2>&1 \
+# The package asks for a torch range; the exact tested releases come from the constraints.
+echo "setup: pip install -e .[$extras] -c launch/constraints.txt"
+python3 -m pip install -q --disable-pip-version-check -e ".[$extras]" -c launch/constraints.txt 2>&1 \
   | grep -v -e "Running pip as the 'root' user" -e "is ignored: it is neither" || true
 python3 -c "import torch, torchvision, trgl_dist; print('setup: torch', torch.__version__, 'torchvision', torchvision.__version__)"

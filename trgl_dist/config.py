@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import tomli_w
-import tomllib
 
 from trgl_dist.data import DataConfig
 from trgl_dist.errors import ConfigError

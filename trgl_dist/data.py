@@ -105,8 +105,9 @@ class IndexedImages(Dataset):
     def __len__(self) -> int:
         return len(self.targets)
 
-    def __getitem__(self, key: tuple[int, int]) -> tuple[Tensor, Tensor, int]:
-        epoch, index = key
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[Tensor, Tensor, int]:
+        """Sample ``key`` = (epoch, id), or an id alone for epoch 0."""
+        epoch, index = key if isinstance(key, tuple) else (0, key)
         generator = torch.Generator().manual_seed(hash((self.seed, epoch, index)) & 0x7FFFFFFF)
         return self.transform(self.images[index], generator), self.targets[index], index
 
