@@ -117,3 +117,18 @@ def rank_process(launcher: psutil.Process, rank: int) -> psutil.Process | None:
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
     return None
+
+
+def our_output(output: str) -> str:
+    """The output without torchrun's own tracebacks (its ChildFailedError when a worker
+    exits non-zero, its SignalException on Ctrl-C). Any other traceback stays."""
+    lines, kept, skipping = output.splitlines(), [], False
+    for i, line in enumerate(lines):
+        if line.startswith("Traceback (most recent call last):"):
+            block = lines[i : i + 12]
+            skipping = any("torch/distributed/run.py" in ln for ln in block)
+        if not skipping:
+            kept.append(line)
+        if skipping and line.startswith("torch.distributed.elastic."):
+            skipping = False
+    return "\n".join(kept)

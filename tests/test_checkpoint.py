@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
 
-from tests.launcher import rank_process, torchrun
+from tests.launcher import our_output, rank_process, torchrun
 from trgl_dist.checkpoints import files as ckpt
 from trgl_dist.checkpoints import manifest
 from trgl_dist.train import main
@@ -162,3 +164,113 @@ def test_sigkilled_pipeline_resumes_and_matches_an_uninterrupted_run(tmp_path):
     last = manifest.latest(run)[0]
     assert last == 36 == manifest.latest(tmp_path / "straight")[0]
     _assert_same(_params(tmp_path / "straight", 36, 2), _params(run, 36, 2))
+
+
+@contextlib.contextmanager
+def small_disk(path: Path, size: str = "4m"):
+    """A tmpfs of ``size`` at ``path``: a disk that fills up a few checkpoints in."""
+    path.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], check=True)
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=True)
+
+
+FILLS_A_DISK = [*SMALL, "--synthetic-train", "2048", "--epochs", "3", "--checkpoint-every", "2",
+                "--keep-checkpoints", "0"]
+
+
+def _assert_full_disk_handled(run, output, code):
+    assert code not in (0, 2), output
+    assert "Traceback" not in our_output(output), output
+    lines = [ln for ln in output.splitlines() if "No space left on device" in ln]
+    assert len(lines) == 1 and str(run) in lines[0], output
+    assert not list(run.rglob("*.tmp")), list(run.rglob("*.tmp"))
+    step = manifest.latest(run)[0]  # the last complete checkpoint is intact
+    stages = manifest.read_manifest(run, step)["stages"]
+    for stage in range(stages):
+        ckpt.load_stage(run, step, stage)
+
+
+@pytest.mark.slow
+def test_a_full_disk_is_one_line_and_keeps_the_last_checkpoint(tmp_path):
+    with small_disk(tmp_path / "disk") as disk:
+        run = disk / "run"
+        result = _cli(*FILLS_A_DISK, "--out", str(run))
+        _assert_full_disk_handled(run, result.stderr, result.returncode)
+
+
+@pytest.mark.slow
+def test_a_full_disk_stops_a_pipeline_in_one_line_and_keeps_the_last_checkpoint(tmp_path):
+    with small_disk(tmp_path / "disk") as disk:
+        run = disk / "run"
+        launch = torchrun(2, [*FILLS_A_DISK, "--out", str(run)])
+        assert launch.survivors() == []
+        _assert_full_disk_handled(run, launch.output, launch.code)
+
+
+@pytest.mark.slow
+def test_a_corrupt_stage_1_file_is_named_by_its_own_rank_with_the_newest_intact_step(tmp_path):
+    run = tmp_path / "run"
+    args = [*SMALL, "--max-steps", "8", "--checkpoint-every", "2", "--synthetic-train", "256",
+            "--keep-checkpoints", "0"]
+    assert torchrun(2, [*args, "--out", str(run)]).code == 0
+    newest = manifest.latest(run)[0]
+    broken = ckpt.stage_file(run, newest, 1)
+    broken.write_bytes(broken.read_bytes()[:2000])
+    launch = torchrun(2, ["--resume", str(run)])
+    assert launch.code != 0
+    errors = [ln for ln in our_output(launch.output).splitlines() if ln.startswith("error:")]
+    older = manifest.complete_steps(run)[-2]
+    assert errors == [
+        f"error: {broken}: cannot be loaded (corrupted or truncated?): "
+        + errors[0].split("truncated?): ", 1)[1].split("; the newest")[0]
+        + f"; the newest intact checkpoint is step {older}: continue from it with "
+        f"--resume {run} --resume-step {older}"
+    ], launch.output
+    assert "stage-0.pt" not in launch.output
+    resumed = torchrun(2, ["--resume", str(run), "--resume-step", str(older)])
+    assert resumed.code == 0, resumed.output
+    assert manifest.latest(run)[0] == 8
+
+
+def test_incomplete_step_directories_older_than_the_newest_checkpoint_are_pruned(tmp_path):
+    meta = {"stages": 1, "model": "m"}
+    ckpt.save_stage(tmp_path, 3, 0, {"learners": {}})  # a save cut short: no manifest
+    for step in (2, 5):
+        ckpt.save_stage(tmp_path, step, 0, {"learners": {}})
+    ckpt.save_stage(tmp_path, 9, 0, {"learners": {}})  # newer, in progress: kept
+    manifest.write_manifest(tmp_path, 2, meta)
+    assert manifest.step_directories(tmp_path) == [2, 3, 5, 9]
+    manifest.write_manifest(tmp_path, 5, meta)
+    assert manifest.step_directories(tmp_path) == [2, 5, 9]
+    assert manifest.complete_steps(tmp_path) == [2, 5]
+
+
+class Foreign:
+    """Any class of someone else's: weights-only loading must not unpickle it."""
+
+
+def test_a_foreign_pickle_is_refused_without_torchs_advice_to_unpickle_it(tmp_path):
+    path = ckpt.stage_file(tmp_path, 1, 0)
+    path.parent.mkdir(parents=True)
+    torch.save({"learners": {"0": Foreign()}}, path)
+    with pytest.raises(manifest.CheckpointError) as caught:
+        ckpt.load_stage(tmp_path, 1, 0)
+    message = str(caught.value)
+    assert "not a trgl_dist checkpoint" in message and "weights_only" not in message
+    assert len(message.splitlines()) == 1
+
+
+def test_a_signal_while_loading_is_not_taken_for_corruption(tmp_path, monkeypatch):
+    from trgl_dist.runtime.pipeline import Interrupted
+
+    ckpt.save_stage(tmp_path, 1, 0, {"learners": {}})
+
+    def interrupted(*args, **kwargs):
+        raise Interrupted("stopped by SIGTERM")
+
+    monkeypatch.setattr(torch, "load", interrupted)
+    with pytest.raises(Interrupted):
+        ckpt.load_stage(tmp_path, 1, 0)

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from tests.launcher import rank_process, torchrun
+from tests.launcher import our_output, rank_process, torchrun
 from trgl_dist.metrics.records import EvalRecord, TrainRecord, read_records
 
 SMALL = ["--dataset", "synthetic", "--model", "resnet-small", "--width", "8", "--batch-size", "16",
@@ -127,3 +127,21 @@ def test_a_killed_launcher_takes_every_rank_and_the_coordinator_with_it(tmp_path
         assert "the launcher (pid" in launch.read_rest(), launch.output
     finally:
         launch.kill_survivors()
+
+
+def test_ctrl_c_while_the_ranks_start_is_one_line_and_leaves_nothing_running(tmp_path):
+    def interrupt_once_joined(launcher, elapsed):
+        ranks = [rank_process(launcher, r) for r in (0, 1)]
+        if any(r is None for r in ranks) or elapsed < 3:
+            return False
+        launcher.send_signal(signal.SIGINT)
+        return True
+
+    args = [*SMALL, "--modules", "2", "--epochs", "5", "--out", str(tmp_path / "run")]
+    launch = torchrun(2, args, during=interrupt_once_joined)
+    assert launch.code != 0
+    ours = our_output(launch.output)
+    assert "Traceback" not in ours, launch.output
+    said = [ln for ln in ours.splitlines() if "interrupted" in ln or ln.startswith("error")]
+    assert len(said) == 1, launch.output
+    assert launch.survivors() == []

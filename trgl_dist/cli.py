@@ -12,6 +12,7 @@ from trgl_dist import config as cfg
 from trgl_dist.errors import ConfigError
 from trgl_dist.rundir import CONFIG_FILE
 from trgl_dist.sections import help_of
+from trgl_dist.validate import validate
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -42,6 +43,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--resume", type=Path, help="Continue RUN_DIR from its last complete checkpoint."
     )
+    parser.add_argument(
+        "--resume-step",
+        type=int,
+        help="With --resume: continue from the complete checkpoint of this step instead.",
+    )
     for section, kind in cfg.SECTION_TYPES.items():
         group = parser.add_argument_group(section)
         for f in dataclasses.fields(kind):
@@ -60,14 +66,16 @@ def parse(argv: Sequence[str] | None = None) -> tuple[cfg.Config, argparse.Names
     """defaults < --config FILE (or the resumed run's config.toml) < flags."""
     args = build_parser().parse_args(argv)
     flags: dict[str, dict[str, Any]] = {}
-    extras = argparse.Namespace(config=None, resume=None)
+    extras = argparse.Namespace(config=None, resume=None, resume_step=None)
     for dest, value in vars(args).items():
-        if dest in ("config", "resume"):
+        if dest in ("config", "resume", "resume_step"):
             setattr(extras, dest, value)
             continue
         section, key = dest.split(".", 1)
         flags.setdefault(section, {})[key] = value
     base = cfg.Config()
+    if extras.resume_step is not None and extras.resume is None:
+        raise ConfigError("--resume-step needs --resume RUN_DIR")
     if extras.resume is not None:
         saved = Path(extras.resume) / CONFIG_FILE
         if not saved.is_file():
@@ -80,4 +88,4 @@ def parse(argv: Sequence[str] | None = None) -> tuple[cfg.Config, argparse.Names
     config = cfg.from_mapping(flags, base)
     if extras.resume is not None:  # a resumed run stays in its own directory
         config = config.replace("train", out=str(extras.resume))
-    return cfg.validate(config), extras
+    return validate(config), extras

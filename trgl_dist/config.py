@@ -8,7 +8,6 @@ components that own them.
 from __future__ import annotations
 
 import dataclasses
-import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,13 +15,12 @@ from typing import Any
 
 import tomli_w
 
+from trgl_dist.atomic import atomic_write
 from trgl_dist.data import DataConfig
 from trgl_dist.errors import ConfigError
-from trgl_dist.method import METHODS, TAU_SCHEDULES, TRANSPORT_NORMS
 from trgl_dist.network.heads import HEAD_NAMES
 from trgl_dist.network.models import MODEL_NAMES
 from trgl_dist.network.split import SPLIT_KINDS
-from trgl_dist.runtime.buffer import POLICIES
 from trgl_dist.sections import setting
 
 REGIMES = ("e2e", "parallel", "sequential", "multilap", "pipeline")
@@ -164,6 +162,23 @@ def flag_name(section: str, key: str) -> str:
     return FLAG_ALIASES.get((section, key), key).replace("_", "-")
 
 
+def _check_toml_type(key: str, value: Any, default: Any) -> None:
+    """A TOML file states types: a boolean must be true or false, a number a number."""
+    if isinstance(default, bool):
+        ok = isinstance(value, bool)
+    elif isinstance(default, tuple):
+        ok = isinstance(value, list)
+    elif isinstance(default, int):
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif isinstance(default, float):
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+    else:
+        ok = isinstance(value, str)
+    if not ok:
+        want = "true or false" if isinstance(default, bool) else f"a {type(default).__name__}"
+        raise ConfigError(f"{key}: {value!r} is not {want}")
+
+
 def _coerce(key: str, value: Any, default: Any) -> Any:
     """Convert a TOML or flag value to its field's type, naming the key on failure."""
     try:
@@ -188,8 +203,11 @@ def _coerce(key: str, value: Any, default: Any) -> Any:
         raise ConfigError(f"{key}: cannot read {value!r} as {type(default).__name__}") from None
 
 
-def from_mapping(data: dict[str, Any], base: Config | None = None) -> Config:
-    """Apply a nested mapping {section: {key: value}} (a TOML file) over ``base``."""
+def from_mapping(
+    data: dict[str, Any], base: Config | None = None, *, typed: bool = False
+) -> Config:
+    """Apply a nested mapping {section: {key: value}} over ``base``: flags (strings), or a
+    TOML file (``typed``: each value must already have its field's type)."""
     config = base or Config()
     for section, values in data.items():
         if section == "schema_version":
@@ -204,6 +222,8 @@ def from_mapping(data: dict[str, Any], base: Config | None = None) -> Config:
         for key, value in values.items():
             if key not in known:
                 raise ConfigError(f"unknown config key {section}.{key}")
+            if typed:
+                _check_toml_type(f"{section}.{key}", value, getattr(current, key))
             updates[key] = _coerce(f"{section}.{key}", value, getattr(current, key))
         config = config.replace(section, **updates)
     return config
@@ -211,17 +231,21 @@ def from_mapping(data: dict[str, Any], base: Config | None = None) -> Config:
 
 def load_toml(path: Path, base: Config | None = None) -> Config:
     try:
-        data = tomllib.loads(Path(path).read_text())
+        data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
     except OSError as err:
         raise ConfigError(f"cannot read config file {path}: {err.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path} is not a UTF-8 text file (binary?)") from None
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"config file {path} is not valid TOML: {err}") from None
     version = data.get("schema_version", SCHEMA_VERSION)
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise ConfigError(f"{path}: schema_version must be an integer, got {version!r}")
     if version != SCHEMA_VERSION:
         raise ConfigError(
             f"{path} was written with config schema {version}; this version reads {SCHEMA_VERSION}"
         )
-    return from_mapping(data, base)
+    return from_mapping(data, base, typed=True)
 
 
 def to_mapping(config: Config) -> dict[str, Any]:
@@ -235,75 +259,8 @@ def to_mapping(config: Config) -> dict[str, Any]:
 
 
 def write_toml(config: Config, path: Path) -> None:
-    path.write_text(tomli_w.dumps(to_mapping(config)))
-
-
-def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ConfigError(f"{key}: {value!r} is not one of {', '.join(choices)}")
-
-
-def _check_positive(key: str, value: float, allow_zero: bool = False) -> None:
-    if (
-        value < 0
-        or (value == 0 and not allow_zero)
-        or (isinstance(value, float) and math.isnan(value))
-    ):
-        raise ConfigError(f"{key} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
-
-
-def validate(config: Config) -> Config:
-    """Reject impossible values with one message naming the key. Model-dependent checks
-    (K larger than the number of blocks, ...) happen when the model is built."""
-    m, me, d, o, t, p = (
-        config.model,
-        config.method,
-        config.data,
-        config.optim,
-        config.train,
-        config.pipeline,
-    )
-    _check_choice("model.split", m.split, SPLIT_KINDS)
-    _check_choice("model.head", m.head, HEAD_NAMES)
-    _check_positive("model.modules", m.modules)
-    _check_positive("model.width", m.width, allow_zero=True)
-    _check_positive("model.blocks_per_module", m.blocks_per_module)
-    _check_choice("method.name", me.name, METHODS)
-    _check_choice("method.tau_schedule", me.tau_schedule, TAU_SCHEDULES)
-    _check_choice("method.transport_norm", me.transport_norm, TRANSPORT_NORMS)
-    _check_positive("method.tau", me.tau)
-    if me.tau_schedule == "list" and len(me.tau_values) != m.modules:
-        raise ConfigError(
-            f"method.tau_values has {len(me.tau_values)} values for {m.modules} modules"
-        )
-    if not 0 <= me.label_smoothing < 1:
-        raise ConfigError(f"method.label_smoothing must be in [0, 1), got {me.label_smoothing}")
-    _check_positive("method.multiplier_every", me.multiplier_every)
-    d.validate()
-    _check_choice("optim.optimizer", o.optimizer, OPTIMIZERS)
-    _check_choice("optim.schedule", o.schedule, SCHEDULES)
-    _check_positive("optim.lr", o.lr, allow_zero=True)
-    _check_positive("optim.weight_decay", o.weight_decay, allow_zero=True)
-    _check_choice("train.regime", t.regime, REGIMES)
-    _check_positive("train.epochs", t.epochs, allow_zero=True)
-    _check_positive("train.max_steps", t.max_steps, allow_zero=True)
-    _check_positive("train.laps", t.laps)
-    _check_positive("train.log_every", t.log_every)
-    _check_positive("train.eval_every", t.eval_every, allow_zero=True)
-    _check_positive("train.checkpoint_every", t.checkpoint_every, allow_zero=True)
-    _check_positive("train.keep_checkpoints", t.keep_checkpoints, allow_zero=True)
-    _check_positive("train.module_epochs_base", t.module_epochs_base, allow_zero=True)
-    _check_positive("train.module_epochs_slope", t.module_epochs_slope, allow_zero=True)
-    _check_positive("pipeline.buffer_size", p.buffer_size)
-    _check_choice("pipeline.buffer_policy", p.buffer_policy, POLICIES)
-    _check_positive("pipeline.max_reuse", p.max_reuse)
-    if not (math.isfinite(p.link_timeout) and p.link_timeout >= 1):
-        raise ConfigError(f"pipeline.link_timeout must be >= 1 second, got {p.link_timeout}")
-    if m.split_counts and len(m.split_counts) != m.modules:
-        raise ConfigError(
-            f"model.split_counts has {len(m.split_counts)} entries for {m.modules} modules"
-        )
-    return config
+    text = tomli_w.dumps(to_mapping(config)).encode("utf-8")
+    atomic_write(path, lambda out: out.write(text))
 
 
 def planned_epochs(train: TrainConfig, steps_per_epoch: int) -> int:

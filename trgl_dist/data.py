@@ -16,7 +16,7 @@ from torchvision import datasets
 from torchvision.datasets.utils import extract_archive
 from torchvision.transforms import v2
 
-from trgl_dist.errors import ConfigError, DataError
+from trgl_dist.errors import ConfigError, DataError, first_line
 from trgl_dist.network.models import InputSpec
 from trgl_dist.sections import setting
 
@@ -81,13 +81,19 @@ class DataConfig:
         """Reject impossible values with one message naming the key."""
         if self.dataset not in DATASETS:
             raise ConfigError(f"data.dataset: {self.dataset!r} is not one of {', '.join(DATASETS)}")
-        if self.workers < -1:
-            raise ConfigError(f"data.workers must be >= -1, got {self.workers}")
-        for key in ("train_size", "val_size", "eval_size"):
-            if getattr(self, key) < 0:
-                raise ConfigError(f"data.{key} must be >= 0, got {getattr(self, key)}")
-        if self.batch_size <= 0:
-            raise ConfigError(f"data.batch_size must be > 0, got {self.batch_size}")
+        for key, minimum in (
+            ("train_size", 0),
+            ("val_size", 0),
+            ("eval_size", 0),
+            ("image_size", 0),
+            ("batch_size", 1),
+            ("workers", -1),
+            ("synthetic_train", 1),
+            ("synthetic_test", 1),
+        ):
+            value = getattr(self, key)
+            if not minimum <= value < 2**63:
+                raise ConfigError(f"data.{key} must be >= {minimum}, got {value}")
 
 
 class IndexedImages(Dataset):
@@ -308,7 +314,11 @@ class _FolderImages:
 
     def __getitem__(self, index: int) -> Tensor:
         path, _ = self.folder.samples[index]
-        return v2.functional.pil_to_tensor(self.folder.loader(path).convert("RGB"))
+        try:
+            image = self.folder.loader(path).convert("RGB")
+        except (OSError, ValueError, SyntaxError) as err:  # PIL's errors for a bad file
+            raise DataError(f"{path}: cannot be read as an image ({first_line(err)})") from None
+        return v2.functional.pil_to_tensor(image)
 
 
 def _image_folders(

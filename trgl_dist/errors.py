@@ -23,6 +23,26 @@ class CoordinatorError(UserError, RuntimeError):
     """The metrics coordinator could not start (e.g. its port is taken)."""
 
 
+class StorageError(RuntimeError):
+    """A file of the run could not be written (disk full, read-only, gone); the message
+    names the path and the OS error."""
+
+    def __init__(self, path: object, err: OSError) -> None:
+        super().__init__(f"cannot write {path}: {err.strerror or err}")
+        self.path = path
+
+
+def user_message(err: BaseException) -> str:
+    """What to show of a UserError: its message, even when a DataLoader worker raised it
+    (the loader re-raises it with the worker's traceback glued in front of the message)."""
+    text = str(err)
+    if "Original Traceback" not in text:
+        return text
+    last = text.strip().splitlines()[-1]
+    name = type(err).__name__
+    return last.split(f"{name}: ", 1)[1] if f"{name}: " in last else last
+
+
 def first_line(err: BaseException) -> str:
     """The first non-empty line of an exception's message, or its type's name.
 

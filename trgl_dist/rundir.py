@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -27,8 +28,11 @@ def run_directory(out: str, regime: str, resume: bool = False) -> Path:
         )
     try:
         path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-test-{os.getpid()}"
+        probe.touch()
+        probe.unlink()
     except OSError as err:
         raise ConfigError(
-            f"train.out: cannot create run directory {path}: {err.strerror}"
+            f"train.out: cannot write in run directory {path}: {err.strerror}"
         ) from None
     return path

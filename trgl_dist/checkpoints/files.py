@@ -6,26 +6,28 @@ The layout and the manifest that declares a checkpoint complete live in manifest
 from __future__ import annotations
 
 import logging
-import os
+import pickle
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from trgl_dist.atomic import atomic_write
 from trgl_dist.checkpoints.manifest import stage_file
-from trgl_dist.errors import CheckpointError, first_line
+from trgl_dist.errors import CheckpointError, StorageError, first_line
 
 log = logging.getLogger(__name__)
 
 
 def save_stage(run_dir: Path, step: int, stage: int, state: dict[str, Any]) -> Path:
-    """Write one stage's state (atomically: tmp file then rename)."""
+    """Write one stage's state atomically; a full disk is a StorageError naming the file,
+    with no temporary file left behind and every earlier checkpoint as it was."""
     path = stage_file(run_dir, step, stage)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-    return path
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise StorageError(path.parent, err) from None
+    return atomic_write(path, lambda out: torch.save(state, out))
 
 
 def load_stage(run_dir: Path, step: int, stage: int) -> dict[str, Any]:
@@ -34,6 +36,12 @@ def load_stage(run_dir: Path, step: int, stage: int) -> dict[str, Any]:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise CheckpointError(f"{path}: missing") from None
+    except pickle.UnpicklingError:
+        # weights-only loading refused something other than tensors and plain containers
+        raise CheckpointError(
+            f"{path}: not a trgl_dist checkpoint (it holds objects other than tensors, "
+            "which are never unpickled)"
+        ) from None
     except Exception as err:  # noqa: BLE001 - truncated, corrupted or foreign: one line
         raise CheckpointError(
             f"{path}: cannot be loaded (corrupted or truncated?): {first_line(err)}"

@@ -8,11 +8,11 @@ instant leaves the last complete checkpoint loadable.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Any
 
+from trgl_dist.atomic import atomic_write
 from trgl_dist.errors import CheckpointError
 
 MANIFEST = "manifest.json"
@@ -34,28 +34,40 @@ def write_manifest(run_dir: Path, step: int, meta: dict[str, Any], keep: int = 0
     missing = [s for s in range(stages) if not stage_file(run_dir, step, s).exists()]
     if missing:
         raise CheckpointError(f"checkpoint step {step}: stage files {missing} are missing")
-    tmp = directory / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps({"format": FORMAT_VERSION, "step": step, **meta}, indent=1))
-    os.replace(tmp, directory / MANIFEST)
-    if keep > 0:
-        for old in complete_steps(run_dir)[:-keep]:
-            shutil.rmtree(step_dir(run_dir, old), ignore_errors=True)
+    text = json.dumps({"format": FORMAT_VERSION, "step": step, **meta}, indent=1).encode()
+    atomic_write(directory / MANIFEST, lambda out: out.write(text))
+    prune(run_dir, keep)
     return directory / MANIFEST
 
 
-def complete_steps(run_dir: Path) -> list[int]:
-    """Steps with a manifest, oldest first."""
+def prune(run_dir: Path, keep: int) -> None:
+    """Keep the newest ``keep`` complete checkpoints (0: all), and drop the step directories
+    older than the newest complete one that never got their manifest: a run stopped mid-save
+    leaves them, and nothing would ever read them."""
+    complete = complete_steps(run_dir)
+    if not complete:
+        return
+    doomed = complete[:-keep] if keep > 0 else []
+    doomed += [s for s in step_directories(run_dir) if s < complete[-1] and s not in complete]
+    for step in doomed:
+        shutil.rmtree(step_dir(run_dir, step), ignore_errors=True)
+
+
+def step_directories(run_dir: Path) -> list[int]:
+    """Every step directory, complete or not, oldest first."""
     root = Path(run_dir) / "checkpoints"
     if not root.is_dir():
         return []
     steps = []
     for child in root.iterdir():
-        if child.name.startswith("step-") and (child / MANIFEST).is_file():
-            try:
-                steps.append(int(child.name[5:]))
-            except ValueError:
-                continue
+        if child.name.startswith("step-") and child.name[5:].isdigit():
+            steps.append(int(child.name[5:]))
     return sorted(steps)
+
+
+def complete_steps(run_dir: Path) -> list[int]:
+    """Steps with a manifest, oldest first."""
+    return [s for s in step_directories(run_dir) if (step_dir(run_dir, s) / MANIFEST).is_file()]
 
 
 def read_manifest(run_dir: Path, step: int) -> dict[str, Any]:

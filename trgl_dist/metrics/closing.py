@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from trgl_dist.errors import StorageError
 from trgl_dist.metrics.failure import Failure
 from trgl_dist.metrics.records import read_records
 from trgl_dist.metrics.report import format_console_report, write_report
@@ -30,9 +31,13 @@ def close_run(
     summary = summarize(
         records, regime=regime, num_modules=num_modules, failure=failure, extra=extra
     )
-    write_summary(run_dir, summary)
     try:
+        write_summary(run_dir, summary)
         write_report(run_dir, records, summary)
+    except (StorageError, OSError) as err:  # a full disk: keep the run's outcome
+        if failure is None:  # else the failure's line says what matters
+            sys.stderr.write(f"trgl_dist: {err}\n")
+        logger.debug("run directory not written: %s", err)
     except Exception:  # a plotting problem must not turn a finished run into a failed one
         logger.exception("could not write the report")
     if failure is not None:

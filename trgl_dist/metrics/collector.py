@@ -18,7 +18,7 @@ from typing import Any
 import zmq
 
 from trgl_dist.checkpoints.manifest import write_manifest
-from trgl_dist.errors import CheckpointError
+from trgl_dist.errors import CheckpointError, StorageError
 from trgl_dist.metrics.client import DEFAULT_MAX_MESSAGE_BYTES, signature
 from trgl_dist.metrics.closing import close_run
 from trgl_dist.metrics.failure import Failure, diagnose_failure, reporters
@@ -109,6 +109,7 @@ class Collector:
         self.last_record_at = self.last_parent_check = self.last_broadcast = time.monotonic()
         self.heard = dict.fromkeys(range(shape.world_size), self.last_record_at)
         self.frozen: Failure | None = None
+        self.storage: Failure | None = None  # the run directory could not be written
 
     def run(self) -> int:
         self._install_signal_handlers()
@@ -196,7 +197,10 @@ class Collector:
     def _accept(self, rank: int, rec: Record) -> None:
         self.received += 1
         self.last_record_at = time.monotonic()
-        self.runlog.record(rec)
+        try:
+            self.runlog.record(rec)
+        except StorageError as err:
+            self._cannot_write(err)  # and go on: the record still counts for the diagnosis
         self.progress.observe(rec)
         if isinstance(rec, CheckpointRecord):
             self._checkpointed(rec)
@@ -218,8 +222,10 @@ class Collector:
         meta = {**self.checkpoints["meta"], "position": {}}
         try:
             write_manifest(self.runlog.run_dir, rec.step, meta, int(self.checkpoints["keep"]))
-        except (OSError, CheckpointError) as err:
+        except CheckpointError as err:
             logger.warning("checkpoint step %d not completed: %s", rec.step, err)
+        except StorageError as err:
+            self._cannot_write(err)
 
     def _outcome(self, now: float) -> tuple[Failure | None] | None:
         """(the failure or None) once the run is over; None while it goes on."""
@@ -239,6 +245,15 @@ class Collector:
         if everyone or now - self.first_error_at >= self.settings.grace_s:
             return (self._diagnose(),)
         return None
+
+    def _cannot_write(self, err: StorageError) -> None:
+        """The run directory cannot take more (disk full): the run stops, saying so; the
+        last complete checkpoint stays as it is."""
+        if self.storage is None:
+            self.storage = Failure(None, None, "storage", f"the coordinator {err}")
+            logger.info("%s; stopping the run", self.storage.description)
+            if self.first_error_at is None:
+                self.first_error_at = time.monotonic()
 
     def _check_parent(self, now: float) -> None:
         if self.parent_pid is None or self.parent_lost:
@@ -296,6 +311,8 @@ class Collector:
 
     def _diagnose(self) -> Failure:
         failure = diagnose_failure(self.reports, self.shape.world_size)
+        if self.storage is not None and (failure is None or failure.cause != "exception"):
+            return self.storage
         if failure is not None and (self.frozen is None or failure.cause == "exception"):
             return failure
         if self.frozen is not None:

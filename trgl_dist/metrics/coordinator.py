@@ -1,15 +1,19 @@
-"""The metrics coordinator: a spawned process that gathers stage records and writes the run."""
+"""The metrics coordinator: a process of its own that gathers the ranks' records into the run."""
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import json
 import logging
-import multiprocessing
 import os
+import select
+import signal
+import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from multiprocessing.connection import Connection
-from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any
 
@@ -55,61 +59,118 @@ class CoordinatorAddresses:
     watch: str  # the ranks' watchdogs SUBscribe here: alive, abort, done
 
 
+class CoordinatorProcess:
+    """The running coordinator, as its parent (rank 0) sees it."""
+
+    def __init__(self, popen: subprocess.Popen[bytes]) -> None:
+        self.popen = popen
+        self.pid = popen.pid
+
+    @property
+    def exitcode(self) -> int | None:
+        return self.popen.poll()
+
+    def is_alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def join(self, timeout: float | None = None) -> None:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.popen.wait(timeout)
+
+    def terminate(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            self.popen.terminate()
+
+    def kill(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            self.popen.kill()
+
+
 def start_coordinator(
     job: CoordinatorJob,
     settings: CoordinatorSettings | None = None,
     connect_host: str | None = None,
-) -> tuple[BaseProcess, CoordinatorAddresses]:
-    """Spawn the coordinator; return it and the addresses the ranks connect to.
+) -> tuple[CoordinatorProcess, CoordinatorAddresses]:
+    """Start the coordinator; return it and the addresses the ranks connect to.
 
+    It is a small process of its own (``python -m trgl_dist.metrics.coordinator``, no torch)
+    in a session of its own, so the launcher's signals to the ranks' process group do not
+    cut it short while it gathers their last reports; it watches its parent instead. The
+    job (with the run's secret) goes through its stdin, never on a command line.
     ``connect_host`` is the address other nodes reach this one by, used when the job binds
     a wildcard (tcp://0.0.0.0:PORT).
     """
     settings = settings or CoordinatorSettings()
-    context = multiprocessing.get_context("spawn")
-    ready_recv, ready_send = context.Pipe(duplex=False)
-    process = context.Process(
-        target=_process_main,
-        name="trgl-coordinator",
-        # Daemon: a parent that exits without joining takes it down (SIGTERM -> flush, exit).
-        daemon=True,
-        # The secret travels through the spawn pipe, never on a command line.
-        args=(job, settings, os.getpid(), ready_send),
-    )
-    process.start()
-    ready_send.close()
+    ready_read, ready_write = os.pipe()
+    spec = _job_json(job, settings, os.getpid(), ready_write)
     try:
-        records, watch = _await_ready(process, ready_recv, settings.startup_timeout_s)
+        popen = subprocess.Popen(
+            [sys.executable, "-m", "trgl_dist.metrics.coordinator"],
+            stdin=subprocess.PIPE,
+            pass_fds=(ready_write,),
+            start_new_session=True,
+        )
     finally:
-        ready_recv.close()
+        os.close(ready_write)
+    process = CoordinatorProcess(popen)
+    try:
+        assert popen.stdin is not None
+        popen.stdin.write(spec.encode())
+        popen.stdin.close()
+        records, watch = _await_ready(process, ready_read, settings.startup_timeout_s)
+    finally:
+        os.close(ready_read)
     return process, CoordinatorAddresses(
         _connect_address(records, connect_host), _connect_address(watch, connect_host)
     )
 
 
-def _await_ready(process: BaseProcess, ready: Connection, timeout_s: float) -> tuple[str, str]:
+def _job_json(
+    job: CoordinatorJob, settings: CoordinatorSettings, parent_pid: int, ready_fd: int
+) -> str:
+    return json.dumps(
+        {
+            "run_dir": str(job.run_dir),
+            "shape": dataclasses.asdict(job.shape),
+            "secret": job.secret.hex(),
+            "bind": job.bind,
+            "append": job.append,
+            "extra": job.extra,
+            "checkpoints": job.checkpoints,
+            "settings": dataclasses.asdict(settings),
+            "parent_pid": parent_pid,
+            "ready_fd": ready_fd,
+        }
+    )
+
+
+def _await_ready(process: CoordinatorProcess, ready: int, timeout_s: float) -> tuple[str, str]:
+    """The coordinator's first line on the ready pipe: "ready RECORDS WATCH" or "error ..."."""
     deadline = time.monotonic() + timeout_s
-    while not ready.poll(0.1):
-        if not process.is_alive() and not ready.poll(0):
-            raise CoordinatorError(f"metrics coordinator exited at start (code {process.exitcode})")
-        if time.monotonic() > deadline:
+    line = b""
+    while not line.endswith(b"\n"):
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
             stop_coordinator(process, timeout_s=0)
             raise CoordinatorError(f"metrics coordinator did not start within {timeout_s:.0f} s")
-    try:
-        status, detail = ready.recv()
-    except EOFError:  # poll() is also true when the child died and closed its end
-        process.join(5)
-        raise CoordinatorError(
-            f"metrics coordinator exited at start (code {process.exitcode})"
-        ) from None
+        readable, _, _ = select.select([ready], [], [], min(remaining, 0.5))
+        if readable:
+            chunk = os.read(ready, 4096)
+            if not chunk:  # the child closed its end: it died
+                process.join(5)
+                raise CoordinatorError(
+                    f"metrics coordinator exited at start (code {process.exitcode})"
+                )
+            line += chunk
+    status, _, detail = line.decode().strip().partition(" ")
     if status != "ready":
         stop_coordinator(process, timeout_s=5)
         raise CoordinatorError(detail)
-    records, watch = detail
-    return str(records), str(watch)
+    records, watch = detail.split()
+    return records, watch
 
 
-def stop_coordinator(process: BaseProcess, timeout_s: float = 60.0) -> int | None:
+def stop_coordinator(process: CoordinatorProcess, timeout_s: float = 60.0) -> int | None:
     """Wait for the coordinator to finish; terminate, then kill, if it overstays."""
     process.join(timeout_s)
     if process.is_alive():
@@ -119,15 +180,6 @@ def stop_coordinator(process: BaseProcess, timeout_s: float = 60.0) -> int | Non
         process.kill()
         process.join(5)
     return process.exitcode
-
-
-def _process_main(
-    job: CoordinatorJob, settings: CoordinatorSettings, parent_pid: int, ready: Connection
-) -> None:
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s [coordinator] %(message)s", datefmt="%H:%M:%S"
-    )
-    sys.exit(run_coordinator(job, settings, parent_pid=parent_pid, ready=ready))
 
 
 def _bind_pull(context: zmq.Context[Any], bind: str, settings: CoordinatorSettings) -> Any:
@@ -154,9 +206,10 @@ def run_coordinator(
     settings: CoordinatorSettings | None = None,
     *,
     parent_pid: int | None = None,
-    ready: Connection | None = None,
+    ready: Callable[[str], None] | None = None,
 ) -> int:
-    """The coordinator's body; returns the exit code (0 done, 1 failed, 2 no bind)."""
+    """The coordinator's body; returns the exit code (0 done, 1 failed, 2 no bind).
+    ``ready`` is told "ready RECORDS WATCH" once the sockets are bound, or "error WHY"."""
     settings = settings or CoordinatorSettings()
     context: zmq.Context[Any] = zmq.Context()
     broadcast = None
@@ -165,14 +218,13 @@ def run_coordinator(
             sock = _bind_pull(context, job.bind, settings)
         except zmq.ZMQError as exc:
             if ready is not None:
-                ready.send(("error", f"metrics coordinator cannot bind {job.bind}: {exc.strerror}"))
+                ready(f"error metrics coordinator cannot bind {job.bind}: {exc.strerror}")
             return 2
         endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
         broadcast = _bind_pub(context, endpoint)
         watch = broadcast.getsockopt_string(zmq.LAST_ENDPOINT)
         if ready is not None:
-            ready.send(("ready", (endpoint, watch)))
-            ready.close()
+            ready(f"ready {endpoint} {watch}")
         logger.info("collecting metrics on %s into %s", endpoint, job.run_dir)
         runlog = RunLog(job.run_dir, append=job.append, tensorboard=settings.tensorboard)
         state = Collector(runlog, sock, job.shape, job.secret, settings, parent_pid, broadcast)
@@ -183,3 +235,40 @@ def run_coordinator(
         if broadcast is not None:
             broadcast.close(linger=500)  # the last word (done or abort) should get out
         context.destroy(linger=0)
+
+
+def _quit(signum: int, frame: object) -> None:
+    os._exit(128 + signum)
+
+
+def _main() -> int:
+    """``python -m trgl_dist.metrics.coordinator``: the job as JSON on stdin."""
+    # Signals first: a Ctrl-C while starting ends this process quietly, like any later one.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _quit)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s [coordinator] %(message)s", datefmt="%H:%M:%S"
+    )
+    spec = json.loads(sys.stdin.read())
+    job = CoordinatorJob(
+        Path(spec["run_dir"]),
+        RunShape(**spec["shape"]),
+        bytes.fromhex(spec["secret"]),
+        bind=spec["bind"],
+        append=spec["append"],
+        extra=spec["extra"],
+        checkpoints=spec["checkpoints"],
+    )
+    ready_fd = int(spec["ready_fd"])
+
+    def ready(line: str) -> None:
+        os.write(ready_fd, (line + "\n").encode())
+        os.close(ready_fd)
+
+    return run_coordinator(
+        job, CoordinatorSettings(**spec["settings"]), parent_pid=spec["parent_pid"], ready=ready
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(_main())

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from types import TracebackType
 
+from trgl_dist.errors import StorageError
 from trgl_dist.metrics.records import Record, encode
 from trgl_dist.metrics.tensorboard import TensorBoardScalars, open_tensorboard
 from trgl_dist.rundir import METRICS_FILE, TENSORBOARD_DIR
@@ -23,18 +25,23 @@ class RunLog:
             self._scalars = open_tensorboard(self.run_dir / TENSORBOARD_DIR, append=append)
 
     def record(self, rec: Record) -> None:
-        """Append one record and flush, so a crash loses at most the record being written."""
-        self._file.write(encode(rec) + "\n")
-        self._file.flush()
-        if self._scalars is not None:
-            self._scalars.add(rec)
+        """Append one record and flush, so a crash loses at most the record being written.
+        A full disk is a StorageError naming metrics.jsonl."""
+        try:
+            self._file.write(encode(rec) + "\n")
+            self._file.flush()
+            if self._scalars is not None:
+                self._scalars.add(rec)
+        except OSError as err:
+            raise StorageError(self.metrics_path, err) from None
 
     def close(self) -> None:
-        if not self._file.closed:
-            self._file.close()
-        if self._scalars is not None:
-            self._scalars.close()
-            self._scalars = None
+        with contextlib.suppress(OSError):  # what could not be written was already reported
+            if not self._file.closed:
+                self._file.close()
+            if self._scalars is not None:
+                self._scalars.close()
+        self._scalars = None
 
     def __enter__(self) -> RunLog:
         return self

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from trgl_dist.atomic import atomic_write
 from trgl_dist.metrics.failure import Failure
 from trgl_dist.metrics.records import (
     EndRecord,
@@ -132,13 +132,5 @@ def summarize(
 
 def write_summary(run_dir: Path, summary: dict[str, Any]) -> None:
     """Write summary.json atomically: readers see the old file or the new one, never half."""
-    path = Path(run_dir) / SUMMARY_FILE
-    tmp = path.with_name(f".{SUMMARY_FILE}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as out:
-            out.write(json.dumps(summary, indent=2) + "\n")
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    text = (json.dumps(summary, indent=2) + "\n").encode("utf-8")
+    atomic_write(Path(run_dir) / SUMMARY_FILE, lambda out: out.write(text))

@@ -18,7 +18,7 @@ from trgl_dist.rundir import CONFIG_FILE, run_directory
 from trgl_dist.training.build import build_network, resolve_split
 from trgl_dist.training.learner import build_learners
 from trgl_dist.training.schedule import DataFeed
-from trgl_dist.training.snapshot import restore, run_meta, single_process_saver
+from trgl_dist.training.snapshot import Resume, restore, run_meta, single_process_saver
 
 log = logging.getLogger("trgl_dist")
 PROGRESS_INTERVAL_S = 5.0
@@ -42,9 +42,9 @@ def device_for_single_process() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def run_single_process(config: Config, resume: bool = False) -> int:
-    """e2e, parallel, sequential or multilap in this process (``resume``: from the run's
-    last complete checkpoint)."""
+def run_single_process(config: Config, resume: Resume | None = None) -> int:
+    """e2e, parallel, sequential or multilap in this process (``resume``: from a complete
+    checkpoint of the run)."""
     torch.manual_seed(config.train.seed)
     train_set, test_set, spec = build_datasets(config.data, config.train.seed)
     device = device_for_single_process()
@@ -53,9 +53,11 @@ def run_single_process(config: Config, resume: bool = False) -> int:
     for module in modules:
         module.to(device)
     learners = build_learners(config, modules)
-    run_dir = run_directory(config.train.out, config.train.regime, resume)
+    run_dir = run_directory(config.train.out, config.train.regime, resume is not None)
     meta = run_meta(config, counts, spec, stages=1)
-    start_step, position = restore(run_dir, learners, meta, stage=0) if resume else (0, {})
+    start_step, position = (
+        restore(run_dir, learners, meta, 0, resume.step) if resume is not None else (0, {})
+    )
     write_toml(config, run_dir / CONFIG_FILE)
     log.info(
         "%s: %s, %d modules of %s blocks, %s on %s, %d training samples -> %s",
@@ -68,7 +70,7 @@ def run_single_process(config: Config, resume: bool = False) -> int:
         len(train_set),
         run_dir,
     )
-    runlog = RunLog(run_dir, append=resume)
+    runlog = RunLog(run_dir, append=resume is not None)
     save = single_process_saver(run_dir, learners, meta, config.train.keep_checkpoints)
     ctx = Context(
         config,

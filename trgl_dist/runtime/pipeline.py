@@ -12,7 +12,6 @@ import socket
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
-from multiprocessing.process import BaseProcess
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -23,10 +22,10 @@ import torch.distributed as dist
 from trgl_dist.checkpoints import files as ckpt
 from trgl_dist.config import Config, write_toml
 from trgl_dist.data import build_datasets
-from trgl_dist.errors import CheckpointError, ConfigError, UserError
+from trgl_dist.errors import CheckpointError, ConfigError, UserError, user_message
 from trgl_dist.metrics.client import MetricsClient
 from trgl_dist.metrics.collector import RunShape
-from trgl_dist.metrics.coordinator import CoordinatorJob, start_coordinator
+from trgl_dist.metrics.coordinator import CoordinatorJob, CoordinatorProcess, start_coordinator
 from trgl_dist.metrics.records import MAX_MESSAGE_CHARS, CheckpointRecord, ErrorRecord
 from trgl_dist.network.models import InputSpec
 from trgl_dist.rundir import CONFIG_FILE, run_directory
@@ -41,13 +40,14 @@ from trgl_dist.training.build import build_network, resolve_split
 from trgl_dist.training.items import Batch
 from trgl_dist.training.learner import ModuleLearner, build_learners
 from trgl_dist.training.schedule import DataFeed, batch_stream, inbox_stream, stage_plan
-from trgl_dist.training.snapshot import restore, run_meta, stage_state
+from trgl_dist.training.snapshot import Resume, restore, run_meta, stage_state
 from trgl_dist.training.stage import SaveStage, Send, StageWorker, stage_modules
 from trgl_dist.training.timing import timer_for
 
 log = logging.getLogger("trgl_dist")
 COORDINATOR_WAIT_S = 60.0
 RUN_INFO_BYTES = 4096
+SECRET_ENV = "TRGL_RUN_SECRET"
 _LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
 
 
@@ -109,7 +109,7 @@ def _agree_on_split(config: Config, spec: InputSpec, topology: topo.Topology) ->
     return config.replace("model", split_counts=tuple(counts.tolist()))
 
 
-def _start(config: Config, topology: topo.Topology, resume: bool) -> Stage:
+def _start(config: Config, topology: topo.Topology, resume: Resume | None) -> Stage:
     """Build the stage (and restore it), then agree with every rank that all started.
 
     A rank that fails says why (a checkpoint error names its own file, on its own rank;
@@ -120,9 +120,10 @@ def _start(config: Config, topology: topo.Topology, resume: bool) -> Stage:
     stage = None
     try:
         stage = build_stage(config, topology)
-        if resume:
+        if resume is not None:
+            run_dir = Path(config.train.out)
             stage.start_step = restore(
-                Path(config.train.out), stage.learners, stage.meta, topology.stage
+                run_dir, stage.learners, stage.meta, topology.stage, resume.step
             )[0]
     except UserError as err:
         error = err
@@ -157,12 +158,12 @@ def _on_sigterm(signum: int, frame: FrameType | None) -> None:
 class _Services:
     """What a rank must close on the way out."""
 
-    coordinator: BaseProcess | None = None
+    coordinator: CoordinatorProcess | None = None
     client: MetricsClient | None = None
     watchdog: Watchdog | None = None
 
 
-def run_pipeline(config: Config, resume: bool = False) -> int:
+def run_pipeline(config: Config, resume: Resume | None = None) -> int:
     """One stage of the pipeline. Returns the process exit code (0, 1, 2 or 130)."""
     signal.signal(signal.SIGTERM, _on_sigterm)
     services = _Services()
@@ -179,7 +180,9 @@ def run_pipeline(config: Config, resume: bool = False) -> int:
     return _teardown(code, services)
 
 
-def _train(config: Config, topology: topo.Topology, services: _Services, resume: bool) -> None:
+def _train(
+    config: Config, topology: topo.Topology, services: _Services, resume: Resume | None
+) -> None:
     stage = _start(config, topology, resume)
     config = stage.config
     warm_links(topology)  # from this thread, before the link threads exist
@@ -258,13 +261,32 @@ def _is_local_address(host: str) -> bool:
         return False
 
 
+def run_secret() -> bytes:
+    """The key that signs the run's records: fresh and random, unless TRGL_RUN_SECRET gives
+    one (64 hex digits), for a tool of the user's that should report into the run."""
+    chosen = os.environ.get(SECRET_ENV)
+    if not chosen:
+        return secrets.token_bytes(32)
+    try:
+        secret = bytes.fromhex(chosen)
+    except ValueError:
+        secret = b""
+    if len(secret) != 32:
+        raise ConfigError(f"{SECRET_ENV} must be 64 hexadecimal digits (32 bytes)")
+    return secret
+
+
 def _start_coordinator(
-    config: Config, topology: topo.Topology, stage: Stage, services: _Services, resume: bool
+    config: Config,
+    topology: topo.Topology,
+    stage: Stage,
+    services: _Services,
+    resume: Resume | None,
 ) -> dict[str, str]:
     bind, connect_host = coordinator_bind(config, topology)
-    run_dir = run_directory(config.train.out, config.train.regime, resume)
+    run_dir = run_directory(config.train.out, config.train.regime, resume is not None)
     write_toml(config, run_dir / CONFIG_FILE)
-    secret = secrets.token_bytes(32)
+    secret = run_secret()
     shape = RunShape(
         topology.world_size, config.model.modules, "pipeline", config.pipeline.link_timeout
     )
@@ -273,7 +295,7 @@ def _start_coordinator(
         shape,
         secret,
         bind=bind,
-        append=resume,
+        append=resume is not None,
         extra={"blocks_per_module": stage.counts},
         checkpoints={"meta": stage.meta, "keep": config.train.keep_checkpoints},
     )
@@ -301,7 +323,11 @@ def _failed(
     if isinstance(err, StartFailed):
         return 2
     if isinstance(err, UserError):
-        print(f"error: {err}", file=sys.stderr)
+        if client is None:  # before the coordinator: this rank says it
+            print(f"error: {user_message(err)}", file=sys.stderr)
+        else:  # during the run: the coordinator names it, once
+            _report(client, topology, "exception", f"{type(err).__name__}: {user_message(err)}",
+                    None)
         return 2
     if isinstance(err, PeerFailure):
         log.debug("stopping: %s", err)

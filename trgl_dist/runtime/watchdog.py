@@ -21,13 +21,13 @@ import signal
 import sys
 import threading
 import time
-from multiprocessing.process import BaseProcess
 from typing import Any
 
 import zmq
 
 from trgl_dist.metrics.client import MetricsClient
 from trgl_dist.metrics.collector import ABORT, DONE
+from trgl_dist.metrics.coordinator import CoordinatorProcess
 from trgl_dist.runtime.topology import Topology
 
 logger = logging.getLogger(__name__)
@@ -48,7 +48,7 @@ class Watchdog(threading.Thread):
         watch_address: str,
         topology: Topology,
         *,
-        coordinator: BaseProcess | None = None,
+        coordinator: CoordinatorProcess | None = None,
         coordinator_silence_s: float = COORDINATOR_SILENCE_S,
     ) -> None:
         super().__init__(name="trgl-watchdog", daemon=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -70,23 +71,42 @@ def single_process_saver(
     return save
 
 
+@dataclass(frozen=True)
+class Resume:
+    """Continue a run from a checkpoint: the newest complete one, or ``step``."""
+
+    step: int | None = None
+
+
 def restore(
-    run_dir: Path, learners: Sequence[ModuleLearner], meta: dict[str, Any], stage: int
+    run_dir: Path,
+    learners: Sequence[ModuleLearner],
+    meta: dict[str, Any],
+    stage: int,
+    step: int | None = None,
 ) -> tuple[int, dict[str, Any]]:
-    """Load this stage's part of the newest complete checkpoint into ``learners``;
-    returns (step, position). Any mismatch raises CheckpointError with one line."""
-    found = layout.latest(run_dir)
-    if found is None:
+    """Load this stage's part of a complete checkpoint (the newest, or ``step``) into
+    ``learners``; returns (step, position). Any mismatch raises CheckpointError with one
+    line; an unreadable file names the newest older checkpoint whose file is intact."""
+    complete = layout.complete_steps(run_dir)
+    if not complete:
         raise CheckpointError(f"{run_dir}: no complete checkpoint to resume from")
-    step, manifest = found
-    layout.check_compatible(manifest, meta)
-    state = ckpt.load_stage(run_dir, step, stage)
+    if step is None:
+        step = complete[-1]
+    elif step not in complete:
+        raise CheckpointError(
+            f"--resume-step {step}: {run_dir} has no complete checkpoint at that step "
+            f"(complete: {', '.join(map(str, complete))})"
+        )
+    layout.check_compatible(layout.read_manifest(run_dir, step), meta)
+    try:
+        state = ckpt.load_stage(run_dir, step, stage)
+    except CheckpointError as err:
+        raise CheckpointError(f"{err}{_older_intact(run_dir, complete, step, stage)}") from None
     for learner in learners:
         saved = state["learners"].get(str(learner.index))
         if saved is None:
-            raise CheckpointError(
-                f"checkpoint step {step} has no module {learner.index + 1}"
-            )
+            raise CheckpointError(f"checkpoint step {step} has no module {learner.index + 1}")
         try:
             learner.load_state_dict(saved)
         except (RuntimeError, KeyError, ValueError) as err:
@@ -97,3 +117,18 @@ def restore(
     ckpt.restore_rng(state["rng"], device_of(learners))
     log.info("resuming from checkpoint step %d", step)
     return step, dict(state.get("position", {}))
+
+
+def _older_intact(run_dir: Path, complete: Sequence[int], step: int, stage: int) -> str:
+    """"; ... resume from step K" for the newest older checkpoint whose file of ``stage``
+    loads, or "" when there is none."""
+    for older in reversed([s for s in complete if s < step]):
+        try:
+            ckpt.load_stage(run_dir, older, stage)
+        except CheckpointError:
+            continue
+        return (
+            f"; the newest intact checkpoint is step {older}: continue from it with "
+            f"--resume {run_dir} --resume-step {older}"
+        )
+    return ""
