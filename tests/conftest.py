@@ -15,6 +15,7 @@ os.environ[strict.ENV] = "1"
 #: Files whose every test starts real processes or trains for seconds: the slow ones.
 SLOW_FILES = {
     "test_benchmarks_accuracy.py",
+    "test_benchmarks_gpu.py",
     "test_benchmarks_memory.py",
     "test_benchmarks_overhead.py",
     "test_benchmarks_throughput.py",

@@ -126,7 +126,7 @@ class EndRecord(StageRecord):
 
 
 #: Why a rank stopped, in an ErrorRecord.
-CAUSES = ("exception", "peer-lost", "interrupted", "launcher-lost", "coordinator-lost")
+CAUSES = ("exception", "peer-lost", "interrupted")
 
 
 @dataclass(frozen=True, kw_only=True)

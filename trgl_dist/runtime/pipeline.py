@@ -350,12 +350,18 @@ def _teardown(code: int, services: _Services) -> int:
     # The launcher's SIGTERM (sent once any rank failed) must not cut the wait for the
     # coordinator, which is gathering the reports that name the failure.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    if services.client is not None:
-        services.client.close()
-    if services.coordinator is not None:
-        services.coordinator.join(COORDINATOR_WAIT_S)
-        if services.coordinator.exitcode != 0:
-            code = code or 1
+    try:
+        if services.watchdog is not None:
+            services.watchdog.stand_down()
+        if services.client is not None:
+            services.client.close()
+        if services.coordinator is not None:
+            services.coordinator.join(COORDINATOR_WAIT_S)
+            if services.coordinator.exitcode != 0:
+                code = code or 1
+    except BaseException as err:  # noqa: BLE001 - e.g. a loader worker killed by the launcher
+        log.debug("teardown: %s", err)
+        code = code or 1
     if code != 0:
         # Link threads may sit in a blocking send/recv that only the peer's exit releases:
         # leave at once rather than tear the process group down politely.

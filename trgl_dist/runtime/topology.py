@@ -219,13 +219,23 @@ def init_distributed(
     )
     _warn_about_shared_gpus(topology)
     logger.info(
-        "[stage %d] joined %d ranks; activations over %s on %s",
+        "[stage %d] joined %d ranks on %s; activations %s",
         topology.stage,
         topology.world_size,
-        topology.backend,
         topology.device,
+        _transports(topology),
     )
     return topology
+
+
+def _transports(topology: Topology) -> str:
+    """How this rank's links carry activations, for the start-up line."""
+    ends = [
+        f"{direction} over {'gloo via host memory' if link.via_host else topology.backend}"
+        for direction, link in (("in", topology.inbound), ("out", topology.outbound))
+        if link is not None
+    ]
+    return ", ".join(ends) or "none"
 
 
 def _new_group(

@@ -54,15 +54,23 @@ class Watchdog(threading.Thread):
         super().__init__(name="trgl-watchdog", daemon=True)
         self.client = client
         self.watch_address = watch_address
-        self.topology = topology
+        # Plain values only: a thread that outlives the process group must not hold its
+        # last reference (a ProcessGroup destroyed by a daemon thread at interpreter exit
+        # aborts the process).
+        self.rank = topology.rank
+        self.placements = topology.placements
         self.coordinator = coordinator  # rank 0's child: waited for before rank 0 exits
         self.coordinator_silence_s = coordinator_silence_s
         self.parent_pid = os.getppid()
         self.where = f"stage {topology.stage} (rank {topology.rank})"
-        self._stop = threading.Event()
+        # Not ``_stop``: threading.Thread has a method of that name, used by join and fork.
+        self._standing_down = threading.Event()
 
     def stand_down(self) -> None:
-        self._stop.set()
+        """Stop watching and wait for the thread to end (the rank's part of the run is done)."""
+        self._standing_down.set()
+        if self.is_alive() and threading.current_thread() is not self:
+            self.join(5.0)
 
     def run(self) -> None:
         context: zmq.Context[Any] = zmq.Context()
@@ -77,7 +85,7 @@ class Watchdog(threading.Thread):
 
     def _watch(self, sub: Any) -> None:
         last_alive = next_beat = time.monotonic()
-        while not self._stop.is_set():
+        while not self._standing_down.is_set():
             now = time.monotonic()
             if now >= next_beat:
                 self.client.heartbeat()
@@ -89,7 +97,7 @@ class Watchdog(threading.Thread):
                     self._abort(frames[1:])
                 if frames[0] == DONE:
                     return
-            if self._stop.is_set():
+            if self._standing_down.is_set():
                 return
             if os.getppid() != self.parent_pid:
                 self._exit(f"the launcher (pid {self.parent_pid}) is gone")
@@ -104,7 +112,7 @@ class Watchdog(threading.Thread):
         line that names the cause)."""
         culprit = int(detail[1]) if len(detail) > 2 and detail[1] else None
         frozen = len(detail) > 2 and detail[2] == b"frozen"
-        if frozen and culprit is not None and culprit != self.topology.rank:
+        if frozen and culprit is not None and culprit != self.rank:
             self._stop_frozen_neighbour(culprit)
         logger.debug("%s: stopping, the run failed: %s", self.where, detail[0].decode())
         if self.coordinator is not None:
@@ -115,10 +123,10 @@ class Watchdog(threading.Thread):
     def _stop_frozen_neighbour(self, rank: int) -> None:
         """SIGKILL ``rank`` if it runs on this node: a stopped process waits out the
         launcher's whole grace period otherwise. Harmless if it already died."""
-        placements = self.topology.placements
+        placements = self.placements
         if not placements or rank >= len(placements):
             return
-        mine, theirs = placements[self.topology.rank], placements[rank]
+        mine, theirs = placements[self.rank], placements[rank]
         if theirs.node == mine.node and theirs.pid != os.getpid():
             with contextlib.suppress(OSError):
                 os.kill(theirs.pid, signal.SIGKILL)
