@@ -45,9 +45,11 @@ def run_workers(
     *args: Any,
     deadline_s: float = 60.0,
     kill_rank: tuple[int, float] | None = None,
+    replicas: tuple[int, ...] = (),
     **kw: Any,
 ) -> list[WorkerResult]:
-    """Run ``fn(topology, *args, **kw)`` on ``world_size`` spawned Gloo ranks.
+    """Run ``fn(topology, *args, **kw)`` on ``world_size`` spawned Gloo ranks, laid out
+    with ``replicas`` per stage (layout.py; default: one each).
 
     ``fn`` must be a module-level function. After ``deadline_s`` every survivor is
     SIGKILLed and reported ``timed_out``. ``kill_rank=(rank, after_s)`` SIGKILLs that
@@ -56,7 +58,7 @@ def run_workers(
     workdir = Path(tempfile.mkdtemp(prefix="trgl-workers-"))
     processes: list[BaseProcess] = []
     try:
-        processes = _start(fn, world_size, args, kw, workdir)
+        processes = _start(fn, world_size, replicas, args, kw, workdir)
         timed_out = _wait(processes, time.monotonic() + deadline_s, kill_rank, workdir)
         return [_result(r, p, workdir, r in timed_out) for r, p in enumerate(processes)]
     finally:
@@ -68,7 +70,12 @@ def run_workers(
 
 
 def _start(
-    fn: Callable[..., Any], world_size: int, args: tuple, kw: dict, workdir: Path
+    fn: Callable[..., Any],
+    world_size: int,
+    replicas: tuple[int, ...],
+    args: tuple,
+    kw: dict,
+    workdir: Path,
 ) -> list[BaseProcess]:
     context = multiprocessing.get_context("spawn")
     init_method = f"file://{workdir / 'store'}"
@@ -76,7 +83,7 @@ def _start(
     for rank in range(world_size):
         process = context.Process(
             target=_worker_main,
-            args=(fn, rank, world_size, init_method, workdir, args, kw),
+            args=(fn, rank, world_size, replicas, init_method, workdir, args, kw),
             name=f"rank{rank}",
             daemon=False,  # a worker may start children of its own (the coordinator)
         )
@@ -143,6 +150,7 @@ def _worker_main(
     fn: Callable[..., Any],
     rank: int,
     world_size: int,
+    replicas: tuple[int, ...],
     init_method: str,
     workdir: Path,
     args: tuple,
@@ -151,7 +159,9 @@ def _worker_main(
     torch.set_num_threads(1)
     value, error = None, ""
     try:
-        topology = topo.init_distributed(link_timeout_s=120.0, init_method=init_method)
+        topology = topo.init_distributed(
+            link_timeout_s=120.0, init_method=init_method, replicas=replicas
+        )
         warm_links(topology)  # as a pipeline rank does before its link threads start
         _ready_path(workdir, rank).touch()
         value = fn(topology, *args, **kw)

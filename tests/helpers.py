@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import copy
+import subprocess
+import sys
+from pathlib import Path
 
 import torch
 
@@ -52,3 +55,14 @@ def parameters(ctx: Context) -> list[torch.Tensor]:
 
 def snapshot(module: torch.nn.Module) -> dict:
     return copy.deepcopy(module.state_dict())
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_script(script: Path, *flags: str, timeout_s: float) -> subprocess.CompletedProcess:
+    """A benchmark script run as a user runs it, from the repository, with a hard deadline."""
+    return subprocess.run(
+        [sys.executable, str(script), *flags],
+        cwd=REPO, capture_output=True, text=True, timeout=timeout_s, check=False,
+    )  # fmt: skip

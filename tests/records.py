@@ -42,6 +42,7 @@ def end(
     rate: float = 1.0,
     **values: float,
 ) -> EndRecord:
+    rank = int(values.pop("rank", stage))
     fields = {
         "samples": 2000,
         "inbox_depth": 0,
@@ -56,7 +57,7 @@ def end(
         step=200,
         epoch=1,
         stage=stage,
-        rank=stage,
+        rank=rank,
         modules=(2 * stage, 2 * stage + 1),
         busy_s=busy,
         wait_in_s=wait_in,

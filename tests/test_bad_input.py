@@ -56,6 +56,14 @@ BAD_FLAGS = [
     (["--modules", "100"], "cannot split 9 blocks of resnet-small into 100 modules"),
     (["--resume-step", "4"], "--resume-step needs --resume RUN_DIR"),
     (["--augment", "5"], "data.augment: cannot read '5' as bool"),
+    (["--plan", "fastest"], "pipeline.plan: 'fastest' is not one of"),
+    (["--plan", "auto", "--stage-replicas", "2"], "pipeline.plan auto chooses"),
+    (["--stage-replicas", "0"], "pipeline.stage_replicas / stage_modules must be >= 1"),
+    (["--modules", "4", "--stage-modules", "1,2"], "pipeline.stage_modules [1, 2] sums to 3"),
+    (["--accumulate", "2", "--regime", "sequential"], "the sequential regime steps every batch"),
+    (["--accumulate", "2", "--method", "multipliers", "--regime", "parallel"],
+     "the multipliers update lambda every batch"),
+    (["--stage-replicas", "2", "--buffer-policy", "replay"], "replay needs one replica"),
 ]
 
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
+
+from tests.helpers import run_script
 
 REPO = Path(__file__).resolve().parents[1]
 FOLDER = REPO / "benchmarks" / "memory"
@@ -15,10 +16,7 @@ CATEGORIES = ("params", "grads", "optimizer", "activations", "temp", "bn_buffers
 
 
 def _run(script: str, *flags: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, str(FOLDER / script), *flags],
-        cwd=REPO, capture_output=True, text=True, timeout=TIMEOUT_S, check=False,
-    )  # fmt: skip
+    return run_script(FOLDER / script, *flags, timeout_s=TIMEOUT_S)
 
 
 def _check_peak(peak: dict) -> None:

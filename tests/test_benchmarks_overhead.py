@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import copy
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import torch
 
+from tests.helpers import run_script
 from trgl_dist.config import Config
 from trgl_dist.method import literal_local_loss, local_loss
 from trgl_dist.network.models import InputSpec, build_backbone
@@ -54,10 +53,7 @@ def test_tiny_run_writes_json_and_tables(tmp_path):
         "--modules", "2", "3", "--steps", "2", "--warmup", "1", "--profile-steps", "1",
         "--out", str(tmp_path),
     ]  # fmt: skip
-    done = subprocess.run(
-        [sys.executable, str(SCRIPT), *flags],
-        cwd=REPO, capture_output=True, text=True, timeout=TIMEOUT_S, check=False,
-    )  # fmt: skip
+    done = run_script(SCRIPT, *flags, timeout_s=TIMEOUT_S)
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads((tmp_path / "overhead.json").read_text())
     assert results["target"] == 1.03

@@ -21,13 +21,12 @@ SMALL = ["--dataset", "synthetic", "--model", "resnet-small", "--width", "8",
          "--batch-size", "16", "--modules", "3"]
 
 
-def _params(run_dir, step, stages=1):
+def _params(run_dir, step):
     out = {}
-    for stage in range(stages):
-        state = ckpt.load_stage(run_dir, step, stage)
-        for k, learner in state["learners"].items():
-            out.update({f"{k}.{name}": t for name, t in learner["module"].items()})
-            out.update({f"{k}.opt": learner["optimizer"]["state"]})
+    for k in range(manifest.read_manifest(run_dir, step)["modules"]):
+        learner = ckpt.load_module(run_dir, step, k)["learner"]
+        out.update({f"{k}.{name}": t for name, t in learner["module"].items()})
+        out.update({f"{k}.opt": learner["optimizer"]["state"]})
     return out
 
 
@@ -42,14 +41,14 @@ def _assert_same(a, b):
 
 
 def test_manifest_is_written_last_and_old_checkpoints_are_pruned(tmp_path):
-    meta = {"stages": 2, "model": "m"}
-    ckpt.save_stage(tmp_path, 5, 0, {"learners": {}})
+    meta = {"modules": 2, "model": "m"}
+    ckpt.save_module(tmp_path, 5, 0, {"learner": {}})
     with pytest.raises(manifest.CheckpointError, match="missing"):
         manifest.write_manifest(tmp_path, 5, meta)
     assert manifest.latest(tmp_path) is None  # a step without manifest does not count
     for step in (5, 10, 15):
-        for stage in (0, 1):
-            ckpt.save_stage(tmp_path, step, stage, {"learners": {}})
+        for module in (0, 1):
+            ckpt.save_module(tmp_path, step, module, {"learner": {}})
         manifest.write_manifest(tmp_path, step, meta, keep=2)
     assert manifest.complete_steps(tmp_path) == [10, 15]
     assert manifest.latest(tmp_path)[1]["step"] == 15
@@ -88,7 +87,7 @@ def test_corrupted_or_mismatched_checkpoints_are_refused_in_one_line(tmp_path):
         f"error: checkpoint step {step} was written with modules=3, this run has modules=2"
     ]
     (run / "config.toml").write_text(config)
-    path = ckpt.stage_file(run, step, 0)
+    path = ckpt.module_file(run, step, 0)
     path.write_bytes(path.read_bytes()[:1000])  # truncated
     broken = _cli("--resume", str(run))
     assert broken.returncode == 2
@@ -108,7 +107,7 @@ def test_nan_loss_stops_naming_module_and_step_and_keeps_the_last_good_checkpoin
     assert "module" in line and "loss is" in line and "at step" in line
     good = manifest.latest(run)
     assert good is not None
-    ckpt.load_stage(run, good[0], 0)  # loadable
+    ckpt.load_module(run, good[0], 0)  # loadable
 
 
 def _wait_for_manifest(run_dir, deadline_s=120):
@@ -163,7 +162,7 @@ def test_sigkilled_pipeline_resumes_and_matches_an_uninterrupted_run(tmp_path):
     assert resumed.code == 0, resumed.output
     last = manifest.latest(run)[0]
     assert last == 36 == manifest.latest(tmp_path / "straight")[0]
-    _assert_same(_params(tmp_path / "straight", 36, 2), _params(run, 36, 2))
+    _assert_same(_params(tmp_path / "straight", 36), _params(run, 36))
 
 
 @contextlib.contextmanager
@@ -188,9 +187,8 @@ def _assert_full_disk_handled(run, output, code):
     assert len(lines) == 1 and str(run) in lines[0], output
     assert not list(run.rglob("*.tmp")), list(run.rglob("*.tmp"))
     step = manifest.latest(run)[0]  # the last complete checkpoint is intact
-    stages = manifest.read_manifest(run, step)["stages"]
-    for stage in range(stages):
-        ckpt.load_stage(run, step, stage)
+    for module in range(manifest.read_manifest(run, step)["modules"]):
+        ckpt.load_module(run, step, module)
 
 
 @pytest.mark.slow
@@ -211,13 +209,13 @@ def test_a_full_disk_stops_a_pipeline_in_one_line_and_keeps_the_last_checkpoint(
 
 
 @pytest.mark.slow
-def test_a_corrupt_stage_1_file_is_named_by_its_own_rank_with_the_newest_intact_step(tmp_path):
+def test_a_corrupt_module_file_is_named_by_its_rank_with_the_newest_intact_step(tmp_path):
     run = tmp_path / "run"
     args = [*SMALL, "--max-steps", "8", "--checkpoint-every", "2", "--synthetic-train", "256",
             "--keep-checkpoints", "0"]
     assert torchrun(2, [*args, "--out", str(run)]).code == 0
     newest = manifest.latest(run)[0]
-    broken = ckpt.stage_file(run, newest, 1)
+    broken = ckpt.module_file(run, newest, 2)  # module 3: stage 1's
     broken.write_bytes(broken.read_bytes()[:2000])
     launch = torchrun(2, ["--resume", str(run)])
     assert launch.code != 0
@@ -229,18 +227,18 @@ def test_a_corrupt_stage_1_file_is_named_by_its_own_rank_with_the_newest_intact_
         + f"; the newest intact checkpoint is step {older}: continue from it with "
         f"--resume {run} --resume-step {older}"
     ], launch.output
-    assert "stage-0.pt" not in launch.output
+    assert "module-0.pt" not in launch.output
     resumed = torchrun(2, ["--resume", str(run), "--resume-step", str(older)])
     assert resumed.code == 0, resumed.output
     assert manifest.latest(run)[0] == 8
 
 
 def test_incomplete_step_directories_older_than_the_newest_checkpoint_are_pruned(tmp_path):
-    meta = {"stages": 1, "model": "m"}
-    ckpt.save_stage(tmp_path, 3, 0, {"learners": {}})  # a save cut short: no manifest
+    meta = {"modules": 1, "model": "m"}
+    ckpt.save_module(tmp_path, 3, 0, {"learner": {}})  # a save cut short: no manifest
     for step in (2, 5):
-        ckpt.save_stage(tmp_path, step, 0, {"learners": {}})
-    ckpt.save_stage(tmp_path, 9, 0, {"learners": {}})  # newer, in progress: kept
+        ckpt.save_module(tmp_path, step, 0, {"learner": {}})
+    ckpt.save_module(tmp_path, 9, 0, {"learner": {}})  # newer, in progress: kept
     manifest.write_manifest(tmp_path, 2, meta)
     assert manifest.step_directories(tmp_path) == [2, 3, 5, 9]
     manifest.write_manifest(tmp_path, 5, meta)
@@ -253,11 +251,11 @@ class Foreign:
 
 
 def test_a_foreign_pickle_is_refused_without_torchs_advice_to_unpickle_it(tmp_path):
-    path = ckpt.stage_file(tmp_path, 1, 0)
+    path = ckpt.module_file(tmp_path, 1, 0)
     path.parent.mkdir(parents=True)
-    torch.save({"learners": {"0": Foreign()}}, path)
+    torch.save({"learner": Foreign()}, path)
     with pytest.raises(manifest.CheckpointError) as caught:
-        ckpt.load_stage(tmp_path, 1, 0)
+        ckpt.load_module(tmp_path, 1, 0)
     message = str(caught.value)
     assert "not a trgl_dist checkpoint" in message and "weights_only" not in message
     assert len(message.splitlines()) == 1
@@ -266,11 +264,11 @@ def test_a_foreign_pickle_is_refused_without_torchs_advice_to_unpickle_it(tmp_pa
 def test_a_signal_while_loading_is_not_taken_for_corruption(tmp_path, monkeypatch):
     from trgl_dist.runtime.pipeline import Interrupted
 
-    ckpt.save_stage(tmp_path, 1, 0, {"learners": {}})
+    ckpt.save_module(tmp_path, 1, 0, {"learner": {}})
 
     def interrupted(*args, **kwargs):
         raise Interrupted("stopped by SIGTERM")
 
     monkeypatch.setattr(torch, "load", interrupted)
     with pytest.raises(Interrupted):
-        ckpt.load_stage(tmp_path, 1, 0)
+        ckpt.load_module(tmp_path, 1, 0)

@@ -85,3 +85,18 @@ def test_max_steps_without_epochs_plans_enough_epochs():
     assert planned_epochs(TrainConfig(max_steps=60), 4) == 15
     assert planned_epochs(TrainConfig(max_steps=60, epochs=2), 4) == 2
     assert module_epochs(TrainConfig(max_steps=9), 2, 4) == [3, 3]
+
+
+@pytest.mark.parametrize("command", ["train", "plan"])
+def test_every_flag_has_a_sentence_of_help(command: str) -> None:
+    from trgl_dist.plan import _parser
+
+    parser = cli.build_parser() if command == "train" else _parser()
+    flags = [a for a in parser._actions if a.option_strings and a.dest != "help"]
+    assert len(flags) > 40
+    for action in flags:
+        text = (action.help or "").split(" (default", 1)[0].strip()
+        words = text.split()
+        assert len(words) >= 3, (action.option_strings, action.help)
+        assert text.rstrip(")").endswith("."), (action.dest, text)
+        assert "." not in action.dest or action.dest not in text, text  # not the bare key

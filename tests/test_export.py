@@ -78,9 +78,8 @@ def _reference(run: Path, k: int, inputs: list[torch.Tensor]) -> list[torch.Tens
     step, meta = manifest.latest(run)
     modules, counts = build_network(load_toml(run / "config.toml"), InputSpec(3, 32, 10))
     assert counts == meta["blocks_per_module"]
-    learners = ckpt.load_stage(run, step, 0)["learners"]
     for index, module in enumerate(modules):
-        module.load_state_dict(learners[str(index)]["module"])
+        module.load_state_dict(ckpt.load_module(run, step, index)["learner"]["module"])
     with torch.no_grad():
         return [CutModel(modules[:k]).eval()(x) for x in inputs]
 
@@ -156,9 +155,9 @@ def _broken_copy(run: Path, tmp_path: Path, how: str) -> Path:
     copy = tmp_path / "copy"
     shutil.copytree(run, copy)
     step = manifest.latest(copy)[0]
-    stage = ckpt.stage_file(copy, step, 0)
+    first = ckpt.module_file(copy, step, 0)
     if how == "truncated":
-        stage.write_bytes(stage.read_bytes()[: stage.stat().st_size // 2])
+        first.write_bytes(first.read_bytes()[: first.stat().st_size // 2])
     elif how == "incomplete":
         (manifest.step_dir(copy, step) / manifest.MANIFEST).unlink()
     else:  # another model or K in the run's config than in its checkpoint
@@ -168,7 +167,7 @@ def _broken_copy(run: Path, tmp_path: Path, how: str) -> Path:
     return copy
 
 
-def test_truncated_stage_file_fails_in_one_line(run, tmp_path):
+def test_truncated_module_file_fails_in_one_line(run, tmp_path):
     copy = _broken_copy(run, tmp_path, "truncated")
     _fails(_export(copy, tmp_path / "m.pt2"), "corrupted or truncated")
     assert not (tmp_path / "m.pt2").exists()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from tests.records import end, error
 from tests.test_summary import pipeline_records
+from trgl_dist.layout import Layout
 from trgl_dist.metrics.failure import Failure, diagnose_failure
 from trgl_dist.metrics.summary import summarize
 
@@ -37,7 +38,7 @@ def test_a_silent_peer_named_by_peer_lost_is_the_dead_rank() -> None:
 def test_a_rank_silent_among_interrupted_ones_is_the_dead_rank() -> None:
     # Under torchrun the survivors are SIGTERMed before they notice the lost peer.
     records = [error(0, "interrupted"), error(2, "interrupted")]
-    failure = diagnose_failure(records, world_size=3)
+    failure = diagnose_failure(records, Layout((1, 1, 1)))
     assert failure is not None
     assert (failure.rank, failure.cause) == (1, "died")
     unknown = diagnose_failure(records)  # world size unknown

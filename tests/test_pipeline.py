@@ -10,8 +10,9 @@ from tests.distributed import run_workers
 from tests.helpers import make_context, small_config
 from trgl_dist.metrics.records import EndRecord, EpochRecord, EvalRecord, TrainRecord
 from trgl_dist.regimes import RUNNERS
-from trgl_dist.runtime.pipeline import build_stage, run_stage
-from trgl_dist.training.stage import stage_modules
+from trgl_dist.runtime.link import PeerFailure
+from trgl_dist.runtime.wiring import build_stage, run_stage
+from trgl_dist.training.stageplan import stage_modules
 
 
 def _stage_worker(topology, config, slow_first_stage_s=0.0):
@@ -125,3 +126,38 @@ def test_eval_every_zero_scores_only_after_the_last_epoch_and_stays_exact():
     for k in range(3):
         for a, b in zip(got[k], reference[k], strict=True):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def _failing_middle_worker(topology, config):
+    """Stage 1 raises in its third training step; every rank says how it ended."""
+    stage = build_stage(config, topology)
+    if topology.stage == 1:
+        step, calls = stage.learners[0].train_step, []
+
+        def fail_at_third(x, y):
+            calls.append(1)
+            if len(calls) == 3:
+                raise RuntimeError("boom in the middle stage")
+            return step(x, y)
+
+        stage.learners[0].train_step = fail_at_third
+    try:
+        run_stage(config, topology, stage, lambda record: None)
+    except PeerFailure as err:
+        return {"peer": err.peer, "message": str(err)}
+    except RuntimeError as err:
+        return {"raised": str(err)}
+    return {}
+
+
+def test_a_failing_stage_sends_its_error_downstream():
+    # Without the ERROR batch the last stage would only see the connection close, and
+    # could not say why; here no coordinator is running to tell it either.
+    config = small_config(model={"modules": 3}, data={"synthetic_train": 640})
+    results = run_workers(_failing_middle_worker, 3, config, deadline_s=120)
+    assert not any(r.timed_out for r in results), [r.error for r in results]
+    upstream, middle, downstream = (r.value for r in results)
+    assert middle == {"raised": "boom in the middle stage"}
+    assert downstream["peer"] == 1
+    assert "RuntimeError: boom in the middle stage" in downstream["message"]
+    assert upstream["peer"] == 1  # its next send found stage 1 gone

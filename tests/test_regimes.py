@@ -171,8 +171,14 @@ def test_every_regime_scores_its_trained_modules_each_epoch(regime):
 
 @pytest.mark.parametrize("regime", ["parallel", "e2e"])
 def test_the_learning_rate_schedule_moves_once_per_epoch(regime):
-    ctx, _ = _run(small_config(train={"epochs": 3, "regime": regime}))
-    assert {lr.scheduler.last_epoch for lr in ctx.learners} == {3}
+    # The schedule moves on at the first optimizer step of each new epoch: after three
+    # epochs it has moved twice, and the last epoch's steps took its third value.
+    config = small_config(train={"epochs": 3, "regime": regime}, optim={"schedule": "cosine"})
+    ctx, _ = _run(config)
+    assert {lr.scheduler.last_epoch for lr in ctx.learners} == {2}
+    third = 0.05 * (1 + math.cos(math.pi * 2 / 3)) / 2
+    for learner in ctx.learners:
+        assert learner.optimizer.param_groups[0]["lr"] == pytest.approx(third, rel=1e-6)
 
 
 @pytest.mark.parametrize("regime", ["parallel", "e2e", "sequential", "multilap"])

@@ -29,9 +29,26 @@ def pipeline_records() -> list[Record]:
     ]
 
 
+def test_replicas_of_a_stage_add_their_samples_and_average_their_shares() -> None:
+    records: list[Record] = [
+        end(0, busy=6.0, wait_out=2.0, rate=50.0, step_ms=40.0, step_peak_mb=30.0),
+        end(0, busy=3.0, wait_out=1.0, rate=30.0, step_ms=44.0, step_peak_mb=31.5,
+            peak_rss_mb=120.0, rank=1),
+        end(1, busy=3.0, wait_in=1.0, rate=80.0, rank=2),
+    ]
+    (first, second) = summarize(records, regime="pipeline", num_modules=4)["stages"]
+    assert first["replicas"] == 2 and second["replicas"] == 1
+    assert first["samples_per_s"] == 80.0  # 50 + 30: the stage's throughput
+    assert first["busy"] == 0.75 and first["wait_out"] == 0.25  # both 3/4
+    assert first["step_ms"] == 42.0 and first["step_peak_mb"] == 31.5
+    assert first["peak_rss_mb"] == 120.0  # the largest replica
+    assert second["samples_per_s"] == 80.0 and second["step_ms"] is None
+
+
 def test_summarize_a_pipeline_run_exactly() -> None:
     summary = summarize(pipeline_records(), regime="pipeline", num_modules=2, extra={"seed": 7})
-    stage = {"staleness_mean": None, "cuda_peak_mb": None}
+    stage = {"staleness_mean": None, "cuda_peak_mb": None, "replicas": 1}
+    stage |= {"step_ms": None, "step_peak_mb": None}
     assert summary == {
         "regime": "pipeline",
         "num_modules": 2,

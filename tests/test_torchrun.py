@@ -17,7 +17,8 @@ SMALL = ["--dataset", "synthetic", "--model", "resnet-small", "--width", "8", "-
 
 def test_two_stage_pipeline_writes_summary_and_metrics_of_both_stages(tmp_path):
     out = tmp_path / "run"
-    launch = torchrun(2, [*SMALL, "--modules", "3", "--epochs", "2", "--out", str(out)])
+    flags = ["--modules", "3", "--plan", "even", "--epochs", "2", "--out", str(out)]
+    launch = torchrun(2, [*SMALL, *flags])
     assert launch.code == 0, launch.output
     summary = json.loads((out / "summary.json").read_text())
     assert summary["regime"] == "pipeline" and summary["failure"] is None

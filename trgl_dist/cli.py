@@ -31,10 +31,15 @@ def command_parser(command: str, description: str) -> OneLineParser:
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(
+    command: str = "train",
+    description: str = "Module-wise training with transport regularization (TRGL).",
+) -> argparse.ArgumentParser:
+    """Every config field as a flag, for ``python -m trgl_dist.COMMAND``; a command adds
+    flags of its own (without a dot in their ``dest``)."""
     parser = OneLineParser(
-        prog="python -m trgl_dist.train",
-        description="Module-wise training with transport regularization (TRGL).",
+        prog=f"python -m trgl_dist.{command}",
+        description=description,
         argument_default=argparse.SUPPRESS,
     )
     parser.add_argument(
@@ -53,22 +58,30 @@ def build_parser() -> argparse.ArgumentParser:
         for f in dataclasses.fields(kind):
             default = f.default
             shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
+            # A switch: the flag alone turns it on; "--flag false" still turns it off.
+            switch: dict[str, Any] = {}
+            if isinstance(default, bool):
+                switch = {"nargs": "?", "const": "true"}
             group.add_argument(
                 f"--{cfg.flag_name(section, f.name)}",
                 dest=f"{section}.{f.name}",
                 metavar=f.name.upper(),
                 help=f"{help_of(f)} (default: {shown!r})".replace("%", "%%"),
+                **switch,
             )
     return parser
 
 
-def parse(argv: Sequence[str] | None = None) -> tuple[cfg.Config, argparse.Namespace]:
-    """defaults < --config FILE (or the resumed run's config.toml) < flags."""
-    args = build_parser().parse_args(argv)
+def parse(
+    argv: Sequence[str] | None = None, parser: argparse.ArgumentParser | None = None
+) -> tuple[cfg.Config, argparse.Namespace]:
+    """defaults < --config FILE (or the resumed run's config.toml) < flags. The command's
+    own flags come back in the namespace, beside config, resume and resume_step."""
+    args = (parser or build_parser()).parse_args(argv)
     flags: dict[str, dict[str, Any]] = {}
     extras = argparse.Namespace(config=None, resume=None, resume_step=None)
     for dest, value in vars(args).items():
-        if dest in ("config", "resume", "resume_step"):
+        if "." not in dest:
             setattr(extras, dest, value)
             continue
         section, key = dest.split(".", 1)

@@ -26,6 +26,8 @@ from trgl_dist.sections import setting
 REGIMES = ("e2e", "parallel", "sequential", "multilap", "pipeline")
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("auto", "constant", "step", "cosine")
+#: How a pipeline lays out its ranks (pipeline.plan; trgl_dist/planning/plan.py).
+PLANS = ("time", "auto", "even")
 
 # The config schema version: a resumed run whose config.toml has another one is refused.
 SCHEMA_VERSION = 1
@@ -98,6 +100,11 @@ class TrainConfig:
     )
     module_epochs_slope: int = setting(0, "Sequential/multilap: extra epochs per module index.")
     laps: int = setting(2, "Multilap: laps over the modules, sharing the same epoch budget.")
+    accumulate: tuple[int, ...] = setting(
+        (),
+        "Parallel and e2e: batches whose gradients make one optimizer step, one count for "
+        "every module or one per module (empty: 1).",
+    )
     cache_frozen: bool = setting(
         False, "Sequential: keep the frozen modules' outputs in memory instead of recomputing."
     )
@@ -109,7 +116,7 @@ class TrainConfig:
         0, "Also checkpoint every this many steps (0: only at each epoch's end)."
     )
     keep_checkpoints: int = setting(3, "Keep the newest this many complete checkpoints (0: all).")
-    out: str = setting("", "Run directory (default: runs/<regime>-<time>).")
+    out: str = setting("", "Folder the run writes into; empty: runs/<regime>-<time>.")
 
 
 @dataclass(frozen=True)
@@ -119,6 +126,25 @@ class PipelineConfig:
         "fifo", "fifo (each batch once, exact, backpressure) or replay (DGL's reuse buffer)."
     )
     max_reuse: int = setting(4, "Replay: the most times one batch is trained on by a stage.")
+    stage_replicas: tuple[int, ...] = setting(
+        (),
+        "Replicas per stage, e.g. 2,1 (one count: the same for every stage; empty: 1). The "
+        "ranks are their sum; the replicas of a stage average their gradients every step.",
+    )
+    stage_modules: tuple[int, ...] = setting(
+        (), "Modules per stage, e.g. 6,5,5 (empty: as --plan chooses)."
+    )
+    trace: bool = setting(
+        False,
+        "Write RUN_DIR/trace.json, a timeline of every rank (Chrome trace format, loads in "
+        "ui.perfetto.dev), and draw a window of it in the report.",
+    )
+    plan: str = setting(
+        "time",
+        "How the ranks are laid out: time (the stages' modules balance the measured time), "
+        "auto (the planner also chooses the stages and their replicas for the ranks), even "
+        "(equal module counts).",
+    )
     coordinator: str = setting(
         "",
         "Address the metrics coordinator binds, tcp://HOST:PORT (port 0: a free one; empty: "

@@ -55,7 +55,7 @@ DATASETS = ("fashion-mnist", "mnist", "cifar10", "cifar100", "stl10", "imagefold
 @dataclass(frozen=True)
 class DataConfig:
     dataset: str = setting("fashion-mnist", f"Dataset: {', '.join(DATASETS)}.")
-    data_dir: str = setting("", "Dataset root (default: ~/.cache/trgl_dist/data).")
+    data_dir: str = setting("", "Folder of the datasets; empty: ~/.cache/trgl_dist/data.")
     train_size: int = setting(
         0, "Train on a seeded, class-balanced subset of this many samples (0: all)."
     )
@@ -274,6 +274,21 @@ def scored_subset(targets: Tensor, config: DataConfig, seed: int) -> Tensor | No
     return balanced_subset(targets, config.eval_size, seed + 2, "--eval-size", of)
 
 
+def input_spec(config: DataConfig) -> InputSpec:
+    """The input spec of the configured data without loading it (an image folder's classes
+    are its training subfolders)."""
+    if config.dataset != "imagefolder":
+        return SPECS[config.dataset]
+    root = Path(config.data_dir).expanduser() if config.data_dir else default_data_dir()
+    try:
+        classes = [p for p in (root / "train").iterdir() if p.is_dir()]
+    except OSError as err:
+        raise DataError(
+            f"imagefolder: expected {root}/train/<class>/ (set --data-dir): {err}"
+        ) from None
+    return InputSpec(channels=3, size=config.image_size or 224, num_classes=len(classes))
+
+
 def build_datasets(config: DataConfig, seed: int) -> tuple[IndexedImages, IndexedImages, InputSpec]:
     """Train and test sets (with sample ids) and the input spec they imply."""
     root = Path(config.data_dir).expanduser() if config.data_dir else default_data_dir()
@@ -366,27 +381,36 @@ def default_data_dir() -> Path:
     return Path.home() / ".cache" / "trgl_dist" / "data"
 
 
-class EpochOrder(Sampler[tuple[int, int]]):
-    """The (epoch, sample id) keys of one epoch: a seeded shuffle set by (seed, epoch) alone
-    for training, the dataset's order otherwise; from batch ``skip`` on (a resumed run)."""
+class EpochBatches(Sampler[list[tuple[int, int]]]):
+    """The batches of one epoch as lists of (epoch, sample id) keys: a seeded shuffle set by
+    (seed, epoch) alone for training, the dataset's order otherwise; from batch ``skip`` on
+    (a resumed run), and only the batches ``keep`` takes (a stage replica's share)."""
 
     def __init__(self, size: int, batch_size: int, *, train: bool, seed: int) -> None:
         self.size, self.batch_size, self.train, self.seed = size, batch_size, train, seed
         self.epoch = self.skip = 0
+        self.keep: Callable[[int], bool] | None = None
 
-    def set_epoch(self, epoch: int, skip: int = 0) -> None:
-        self.epoch, self.skip = epoch, skip
+    def set_epoch(
+        self, epoch: int, skip: int = 0, keep: Callable[[int], bool] | None = None
+    ) -> None:
+        """``keep(k)``: whether batch k (0-based, in the whole epoch) is drawn."""
+        self.epoch, self.skip, self.keep = epoch, skip, keep
 
-    def __iter__(self) -> Iterator[tuple[int, int]]:
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         if self.train:
             generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
             order = torch.randperm(self.size, generator=generator)
         else:
             order = torch.arange(self.size)
-        return ((self.epoch, i) for i in order[self.skip * self.batch_size :].tolist())
+        for k in range(self.skip, -(-self.size // self.batch_size)):
+            if self.keep is None or self.keep(k):
+                chunk = order[k * self.batch_size : (k + 1) * self.batch_size].tolist()
+                yield [(self.epoch, i) for i in chunk]
 
     def __len__(self) -> int:
-        return max(self.size - self.skip * self.batch_size, 0)
+        total = -(-self.size // self.batch_size)
+        return sum(1 for k in range(self.skip, total) if self.keep is None or self.keep(k))
 
 
 class EpochLoader:
@@ -405,20 +429,20 @@ class EpochLoader:
         workers: int = 0,
         pin_memory: bool = False,
     ) -> None:
-        self.order = EpochOrder(len(dataset), batch_size, train=train, seed=seed)
+        self.batches = EpochBatches(len(dataset), batch_size, train=train, seed=seed)
         self.loader = DataLoader(
             dataset,
-            batch_size=batch_size,
-            sampler=self.order,
+            batch_sampler=self.batches,
             num_workers=workers,
             persistent_workers=workers > 0,
             pin_memory=pin_memory,
-            drop_last=False,
         )
 
-    def epoch(self, epoch: int, skip: int = 0) -> Iterator[Any]:
-        """The batches of ``epoch``, from batch ``skip`` on."""
-        self.order.set_epoch(epoch, skip)
+    def epoch(
+        self, epoch: int, skip: int = 0, keep: Callable[[int], bool] | None = None
+    ) -> Iterator[Any]:
+        """The batches of ``epoch``, from batch ``skip`` on, those ``keep`` takes."""
+        self.batches.set_epoch(epoch, skip, keep)
         return iter(self.loader)
 
 

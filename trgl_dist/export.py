@@ -92,7 +92,7 @@ def check_manifest(manifest: dict[str, Any], config: Config) -> None:
     """The manifest must describe the run's own model (a copied-in checkpoint is refused)."""
     expected = {"model": config.model.name, "modules": config.model.modules}
     layout.check_compatible(manifest, expected)
-    for key in ("blocks_per_module", "input", "num_classes", "stages"):
+    for key in ("blocks_per_module", "input", "num_classes"):
         if key not in manifest:
             raise CheckpointError(f"checkpoint manifest has no {key!r}")
     if len(manifest["blocks_per_module"]) != config.model.modules:
@@ -142,21 +142,14 @@ def build_cut(
         modules = modules_for(config.model, spec, counts)
     except ConfigError as err:
         raise CheckpointError(f"cannot rebuild the run's model: {err}") from None
-    load_weights(run_dir, step, int(manifest["stages"]), modules[:k])
+    load_weights(run_dir, step, modules[:k])
     return CutModel(modules[:k]).eval(), spec
 
 
-def load_weights(run_dir: Path, step: int, stages: int, modules: Sequence[LocalModule]) -> None:
-    """Fill ``modules`` (modules 1..k) from the stage files, reading only the stages needed."""
-    wanted = {str(index): module for index, module in enumerate(modules)}
-    for stage in range(stages):
-        learners = ckpt.load_stage(run_dir, step, stage)["learners"]
-        for key in [key for key in wanted if key in learners]:
-            _load_module(wanted.pop(key), learners[key], step, int(key))
-        if not wanted:
-            return
-    missing = ", ".join(str(int(key) + 1) for key in wanted)
-    raise CheckpointError(f"checkpoint step {step} has no module {missing}")
+def load_weights(run_dir: Path, step: int, modules: Sequence[LocalModule]) -> None:
+    """Fill ``modules`` (modules 1..k) from their files of checkpoint ``step``."""
+    for index, module in enumerate(modules):
+        _load_module(module, ckpt.load_module(run_dir, step, index)["learner"], step, index)
 
 
 def _load_module(module: nn.Module, learner_state: Any, step: int, index: int) -> None:

@@ -159,6 +159,7 @@ def local_loss(
     transport_norm: str = "mean",
     label_smoothing: float = 0.1,
     literal: bool = False,
+    grad_scale: float = 1.0,
 ) -> LocalLoss:
     """The local objective of one module; ``total.backward()`` (once) gives its gradients.
 
@@ -173,13 +174,16 @@ def local_loss(
     and gradients, at a cost. Autograd runs the newest nodes first, so that backward starts
     with every block's transport term, each block's ``2 r / n`` kept until the backward
     reaches the block. The benchmarks run it beside the hooks to show what they save.
+
+    ``grad_scale``: the caller back-propagates ``total * grad_scale`` (a batch of an
+    accumulated step); the transport gradient added by the hooks is scaled alike.
     """
     ce = F.cross_entropy(logits, targets, label_smoothing=label_smoothing)
     weight = transport_weight(method, tau)
     with torch.set_grad_enabled(literal and torch.is_grad_enabled()):
         transport = transport_cost(residues, transport_norm).to(ce.device)
     if weight and not literal:
-        add_transport_gradient(residues, weight, transport_norm)
+        add_transport_gradient(residues, weight * grad_scale, transport_norm)
     total = objective(ce, transport, method=method, weight=weight, multiplier=multiplier)
     return LocalLoss(total=total, ce=ce.detach(), transport=transport.detach())
 

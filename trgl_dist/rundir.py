@@ -15,6 +15,8 @@ SUMMARY_FILE = "summary.json"
 REPORT_FILE = "report.md"
 PLOTS_DIR = "plots"
 TENSORBOARD_DIR = "tb"
+TRACE_DIR = "trace"  # the ranks' span files
+TRACE_FILE = "trace.json"  # merged: all ranks on one time axis
 
 
 def run_directory(out: str, regime: str, resume: bool = False) -> Path:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import re
 
-from trgl_dist.config import OPTIMIZERS, REGIMES, SCHEDULES, Config
+from trgl_dist.config import OPTIMIZERS, PLANS, REGIMES, SCHEDULES, Config
 from trgl_dist.errors import ConfigError
 from trgl_dist.method import METHODS, TAU_SCHEDULES, TRANSPORT_NORMS
 from trgl_dist.network.heads import HEAD_NAMES
@@ -140,12 +140,44 @@ def _train(config: Config) -> None:
         count(f"train.{key}", getattr(t, key))
     count("train.laps", t.laps, 1)
     count("train.log_every", t.log_every, 1)
+    for n in t.accumulate:
+        count("train.accumulate", n, 1)
+    if len(t.accumulate) not in (0, 1, config.model.modules):
+        raise ConfigError(
+            f"train.accumulate has {len(t.accumulate)} counts for {config.model.modules} modules"
+        )
+    if any(n > 1 for n in t.accumulate):
+        if t.regime not in ("parallel", "e2e"):
+            raise ConfigError(f"train.accumulate: the {t.regime} regime steps every batch")
+        if config.method.name == "multipliers":
+            raise ConfigError("train.accumulate: the multipliers update lambda every batch")
 
 
 def _pipeline(config: Config) -> None:
     p = config.pipeline
     count("pipeline.buffer_size", p.buffer_size, 1)
     choice("pipeline.buffer_policy", p.buffer_policy, POLICIES)
+    choice("pipeline.plan", p.plan, PLANS)
+    if p.plan == "auto" and (p.stage_modules or p.stage_replicas):
+        raise ConfigError(
+            "pipeline.plan auto chooses the stages' modules and replicas: leave "
+            "--stage-modules and --stage-replicas out"
+        )
     count("pipeline.max_reuse", p.max_reuse, 1)
     endpoint("pipeline.coordinator", p.coordinator)
+    for n in (*p.stage_replicas, *p.stage_modules):
+        count("pipeline.stage_replicas / stage_modules", n, 1)
+    if p.stage_modules and sum(p.stage_modules) != config.model.modules:
+        raise ConfigError(
+            f"pipeline.stage_modules {list(p.stage_modules)} sums to {sum(p.stage_modules)}, "
+            f"not the {config.model.modules} modules"
+        )
+    if any(r > 1 for r in p.stage_replicas):
+        if p.buffer_policy == "replay":
+            raise ConfigError(
+                "pipeline.buffer_policy replay: a stage's replicas step together, every one on "
+                "its own batch; replay needs one replica per stage"
+            )
+        if config.method.name == "multipliers":
+            raise ConfigError("pipeline.stage_replicas: the multipliers update lambda every batch")
     number("pipeline.link_timeout", p.link_timeout, 1)

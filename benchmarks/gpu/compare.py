@@ -13,16 +13,15 @@ from trgl_dist.checkpoints import files, manifest
 from trgl_dist.errors import CheckpointError
 
 
-def final_modules(run_dir: Path, stages: int) -> tuple[int, dict[str, dict[str, torch.Tensor]]]:
+def final_modules(run_dir: Path) -> tuple[int, dict[str, dict[str, torch.Tensor]]]:
     """(step, module index -> module state) of the run's last complete checkpoint."""
     found = manifest.latest(run_dir)
     if found is None:
         raise CheckpointError(f"{run_dir}: no complete checkpoint")
-    step = found[0]
+    step, meta = found
     modules: dict[str, dict[str, torch.Tensor]] = {}
-    for stage in range(stages):
-        for index, learner in files.load_stage(run_dir, step, stage)["learners"].items():
-            modules[index] = learner["module"]
+    for index in range(int(meta["modules"])):
+        modules[str(index)] = files.load_module(run_dir, step, index)["learner"]["module"]
     return step, modules
 
 
@@ -53,8 +52,8 @@ def fifo_equality(pipeline_dir: Path, parallel_dir: Path, setting: Setting) -> O
     rtol, atol = (CPU_RTOL, CPU_ATOL) if setting.device == "cpu" else (GPU_RTOL, GPU_ATOL)
     rule = f"{setting.device.upper()} tolerance rtol {rtol:g} / atol {atol:g}"
     try:
-        step, piped = final_modules(pipeline_dir, STAGES)
-        reference_step, reference = final_modules(parallel_dir, 1)
+        step, piped = final_modules(pipeline_dir)
+        reference_step, reference = final_modules(parallel_dir)
         largest, count, outside = differences(piped, reference, rtol, atol)
     except (CheckpointError, ValueError) as err:
         return Outcome("fifo-equality", False, str(err))

@@ -18,8 +18,9 @@ CPU_RTOL, CPU_ATOL = 1e-5, 1e-6
 #: the last bits, and SGD carries that on: |diff| <= 1e-3 + 1e-3 |value| (README).
 GPU_RTOL, GPU_ATOL = 1e-3, 1e-3
 _ONE_PROCESS_DEVICE = re.compile(r"(?:e2e|parallel): .* on (\S+), \d+ training samples")
-_STAGE_DEVICE = re.compile(r"\[stage (\d+)\] joined \d+ ranks on (\S+);")
-_SHARED = re.compile(r"stages (\d+) and (\d+) share (\S+):")
+# "[stage 1 (rank 1)] joined 4 ranks on cuda:1; ..." (one rank per stage: no replica).
+_STAGE_DEVICE = re.compile(r"\[stage (\d+) \(rank \d+\)\] joined \d+ ranks on (\S+);")
+_SHARED = re.compile(r"ranks (\d+) and (\d+) share (\S+):")
 _ERROR_LINE = re.compile(r"^(?:\[rank\d+\]: )?(\w+(?:Error|Exception)\b.*)$", re.MULTILINE)
 
 

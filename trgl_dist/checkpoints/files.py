@@ -13,16 +13,16 @@ from typing import Any
 import torch
 
 from trgl_dist.atomic import atomic_write
-from trgl_dist.checkpoints.manifest import stage_file
+from trgl_dist.checkpoints.manifest import module_file
 from trgl_dist.errors import CheckpointError, StorageError, first_line
 
 log = logging.getLogger(__name__)
 
 
-def save_stage(run_dir: Path, step: int, stage: int, state: dict[str, Any]) -> Path:
-    """Write one stage's state atomically; a full disk is a StorageError naming the file,
+def save_module(run_dir: Path, step: int, module: int, state: dict[str, Any]) -> Path:
+    """Write one module's state atomically; a full disk is a StorageError naming the file,
     with no temporary file left behind and every earlier checkpoint as it was."""
-    path = stage_file(run_dir, step, stage)
+    path = module_file(run_dir, step, module)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:
@@ -30,8 +30,10 @@ def save_stage(run_dir: Path, step: int, stage: int, state: dict[str, Any]) -> P
     return atomic_write(path, lambda out: torch.save(state, out))
 
 
-def load_stage(run_dir: Path, step: int, stage: int) -> dict[str, Any]:
-    path = stage_file(run_dir, step, stage)
+def load_module(run_dir: Path, step: int, module: int) -> dict[str, Any]:
+    """One module's state of checkpoint ``step``; anything unreadable is a CheckpointError
+    naming the file, in one line."""
+    path = module_file(run_dir, step, module)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
@@ -46,8 +48,8 @@ def load_stage(run_dir: Path, step: int, stage: int) -> dict[str, Any]:
         raise CheckpointError(
             f"{path}: cannot be loaded (corrupted or truncated?): {first_line(err)}"
         ) from None
-    if not isinstance(state, dict) or "learners" not in state:
-        raise CheckpointError(f"{path}: not a trgl_dist stage checkpoint")
+    if not isinstance(state, dict) or "learner" not in state:
+        raise CheckpointError(f"{path}: not a trgl_dist module checkpoint")
     return state
 
 

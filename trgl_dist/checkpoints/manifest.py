@@ -1,8 +1,10 @@
 """Checkpoint layout and manifests (no torch here, so the coordinator can write them).
 
-Layout: RUN_DIR/checkpoints/step-N/stage-S.pt and RUN_DIR/checkpoints/step-N/manifest.json.
-A step directory without its manifest is incomplete and ignored, so a run killed at any
-instant leaves the last complete checkpoint loadable.
+Layout: RUN_DIR/checkpoints/step-N/module-K.pt (one file per module, K from 0) and
+RUN_DIR/checkpoints/step-N/manifest.json. Files per module, not per rank: a run resumes under
+another layout of ranks, stages or replicas. A step directory without its manifest is
+incomplete and ignored, so a run killed at any instant leaves the last complete checkpoint
+loadable.
 """
 
 from __future__ import annotations
@@ -16,24 +18,25 @@ from trgl_dist.atomic import atomic_write
 from trgl_dist.errors import CheckpointError
 
 MANIFEST = "manifest.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 1: one file per stage (earlier releases)
 
 
 def step_dir(run_dir: Path, step: int) -> Path:
     return Path(run_dir) / "checkpoints" / f"step-{step:08d}"
 
 
-def stage_file(run_dir: Path, step: int, stage: int) -> Path:
-    return step_dir(run_dir, step) / f"stage-{stage}.pt"
+def module_file(run_dir: Path, step: int, module: int) -> Path:
+    return step_dir(run_dir, step) / f"module-{module}.pt"
 
 
 def write_manifest(run_dir: Path, step: int, meta: dict[str, Any], keep: int = 0) -> Path:
-    """Declare step ``step`` complete (after every stage file is on disk); prune old ones."""
+    """Declare step ``step`` complete (after every module's file is on disk); prune old
+    ones."""
     directory = step_dir(run_dir, step)
-    stages = int(meta["stages"])
-    missing = [s for s in range(stages) if not stage_file(run_dir, step, s).exists()]
+    modules = int(meta["modules"])
+    missing = [k + 1 for k in range(modules) if not module_file(run_dir, step, k).exists()]
     if missing:
-        raise CheckpointError(f"checkpoint step {step}: stage files {missing} are missing")
+        raise CheckpointError(f"checkpoint step {step}: the files of modules {missing} are missing")
     text = json.dumps({"format": FORMAT_VERSION, "step": step, **meta}, indent=1).encode()
     atomic_write(directory / MANIFEST, lambda out: out.write(text))
     prune(run_dir, keep)
@@ -76,6 +79,11 @@ def read_manifest(run_dir: Path, step: int) -> dict[str, Any]:
         manifest = json.loads(path.read_text())
     except (OSError, ValueError) as err:
         raise CheckpointError(f"{path}: unreadable manifest ({err})") from None
+    if isinstance(manifest, dict) and manifest.get("format") == 1:
+        raise CheckpointError(
+            f"{path}: written by an earlier release (one file per stage, format 1); this "
+            f"release reads format {FORMAT_VERSION} (one file per module)"
+        )
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_VERSION:
         raise CheckpointError(
             f"{path}: not a trgl_dist checkpoint manifest of format {FORMAT_VERSION}"

@@ -1,7 +1,8 @@
 """The ranks' end of the metrics channel: signed records pushed over pyzmq, never blocking.
 
 A message is three frames: the sending rank, an HMAC-SHA256 of (rank, payload) under the
-run's secret, and the payload (a JSON record; empty for a heartbeat). The coordinator
+run's secret, and the payload (a JSON record; for a heartbeat, "@" and the rank's wall
+clock in ns, from which the coordinator estimates the rank's clock offset). The coordinator
 drops any message whose signature does not check, so only the run's own ranks are heard.
 """
 
@@ -11,6 +12,7 @@ import hashlib
 import hmac
 import logging
 import threading
+import time
 
 import zmq
 
@@ -18,6 +20,8 @@ from trgl_dist.metrics.records import Record, encode
 
 logger = logging.getLogger(__name__)
 
+#: A heartbeat's payload starts with this byte (a record is a JSON object: "{").
+HEARTBEAT = b"@"
 # The coordinator refuses bigger messages (zmq MAXMSGSIZE); a record is a few hundred bytes.
 DEFAULT_MAX_MESSAGE_BYTES = 1 << 20
 
@@ -77,8 +81,9 @@ class MetricsClient:
         return self._push(payload)
 
     def heartbeat(self) -> bool:
-        """Say "still here" (an empty payload): the coordinator watches for silent ranks."""
-        return self._push(b"")
+        """Say "still here", with this rank's clock: the coordinator watches for silent
+        ranks and corrects the timeline trace by each rank's clock offset."""
+        return self._push(HEARTBEAT + str(time.time_ns()).encode())
 
     def _push(self, payload: bytes) -> bool:
         frames = [self._rank, signature(self._secret, self._rank, payload), payload]

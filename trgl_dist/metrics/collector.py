@@ -19,7 +19,8 @@ import zmq
 
 from trgl_dist.checkpoints.manifest import write_manifest
 from trgl_dist.errors import CheckpointError, StorageError
-from trgl_dist.metrics.client import DEFAULT_MAX_MESSAGE_BYTES, signature
+from trgl_dist.layout import Layout
+from trgl_dist.metrics.client import DEFAULT_MAX_MESSAGE_BYTES, HEARTBEAT, signature
 from trgl_dist.metrics.closing import close_run
 from trgl_dist.metrics.failure import Failure, diagnose_failure, reporters
 from trgl_dist.metrics.progress import ProgressLine
@@ -36,6 +37,7 @@ from trgl_dist.metrics.records import (
     decode,
 )
 from trgl_dist.metrics.runlog import RunLog
+from trgl_dist.metrics.trace import ClockOffsets, merge_trace
 
 logger = logging.getLogger("trgl_dist.coordinator")
 
@@ -68,9 +70,14 @@ class RunShape:
     num_modules: int
     regime: str
     silence_timeout_s: float | None = None  # None: never
+    replicas: tuple[int, ...] = ()  # per stage (see layout.py); empty: one each
+
+    @property
+    def layout(self) -> Layout:
+        return Layout(tuple(self.replicas) or (1,) * self.world_size)
 
     def stage_of(self, rank: int) -> int:
-        return rank  # rank r runs stage r
+        return self.layout.stage_of(rank)
 
 
 class Rejected(ValueError):
@@ -108,6 +115,7 @@ class Collector:
         self.progress = ProgressLine(shape.num_modules, settings.progress_interval_s)
         self.last_record_at = self.last_parent_check = self.last_broadcast = time.monotonic()
         self.heard = dict.fromkeys(range(shape.world_size), self.last_record_at)
+        self.clocks = ClockOffsets()  # each rank's, from its heartbeats: for the trace
         self.frozen: Failure | None = None
         self.storage: Failure | None = None  # the run directory could not be written
 
@@ -164,7 +172,14 @@ class Collector:
             raise Rejected("the rank frame is not an integer") from None
         if not 0 <= rank < self.shape.world_size:
             raise Rejected(f"rank {rank} is not in this run")
-        if not payload:
+        if not payload:  # a heartbeat without a clock
+            return rank, None
+        if payload[:1] == HEARTBEAT:
+            try:
+                sent_ns = int(payload[1:])
+            except ValueError:
+                raise Rejected(f"a heartbeat from rank {rank} without its clock") from None
+            self.clocks.observe(rank, sent_ns, time.time_ns())
             return rank, None
         try:
             rec = decode(json.loads(payload))
@@ -176,12 +191,19 @@ class Collector:
     def _check_origin(self, rank: int, rec: Record) -> None:
         """A record may speak only for its sender, and only of modules the run has."""
         stage = self.shape.stage_of(rank)
-        if getattr(rec, "stage", stage) != stage or getattr(rec, "rank", rank) != rank:
+        replica = self.shape.layout.place(rank)[1]
+        if (
+            getattr(rec, "stage", stage) != stage
+            or getattr(rec, "rank", rank) != rank
+            or getattr(rec, "replica", replica) != replica
+        ):
             raise Rejected(f"a {rec.kind} record from rank {rank} names another rank or stage")
         if isinstance(rec, TrainRecord | EvalRecord) and rec.module >= self.shape.num_modules:
             raise Rejected(f"module {rec.module} is not in this run")
-        if isinstance(rec, StageRecord) and any(m >= self.shape.num_modules for m in rec.modules):
-            raise Rejected("a stage record names a module the run does not have")
+        if isinstance(rec, StageRecord | CheckpointRecord) and any(
+            m >= self.shape.num_modules for m in rec.modules
+        ):
+            raise Rejected(f"a {rec.kind} record names a module the run does not have")
         if isinstance(rec, EpochRecord) and stage != 0:
             raise Rejected(f"an epoch record from stage {stage} (only stage 0 counts epochs)")
         peer = rec.peer if isinstance(rec, ErrorRecord) else None
@@ -211,12 +233,12 @@ class Collector:
                 logger.info("stage %s reported an error; gathering reports", rec.stage)
 
     def _checkpointed(self, rec: CheckpointRecord) -> None:
-        """Every stage wrote its file for this step: declare the checkpoint complete."""
+        """Every module's file of this step is written: declare the checkpoint complete."""
         if self.checkpoints is None:
             return
-        stages = self.saved.setdefault(rec.step, set())
-        stages.add(rec.stage)
-        if len(stages) < self.shape.world_size:
+        modules = self.saved.setdefault(rec.step, set())
+        modules.update(rec.modules)
+        if len(modules) < self.shape.num_modules:
             return
         del self.saved[rec.step]
         meta = {**self.checkpoints["meta"], "position": {}}
@@ -282,7 +304,7 @@ class Collector:
             return
         rank = silent[0]
         description = (
-            f"stage {self.shape.stage_of(rank)} (rank {rank}) stopped responding: nothing "
+            f"{self.shape.layout.describe(rank)} stopped responding: nothing "
             f"heard for {limit:.0f} s (frozen? --link-timeout)"
         )
         self.frozen = Failure(self.shape.stage_of(rank), rank, "frozen", description)
@@ -310,7 +332,7 @@ class Collector:
         return (Failure(None, None, "idle", description),)
 
     def _diagnose(self) -> Failure:
-        failure = diagnose_failure(self.reports, self.shape.world_size)
+        failure = diagnose_failure(self.reports, self.shape.layout)
         if self.storage is not None and (failure is None or failure.cause != "exception"):
             return self.storage
         if failure is not None and (self.frozen is None or failure.cause == "exception"):
@@ -335,6 +357,7 @@ class Collector:
             detail = (failure.description.encode(), culprit, failure.cause.encode())
             self._tell(ABORT, time.monotonic(), *detail)
         self.runlog.close()
+        merge_trace(self.runlog.run_dir, self.clocks)
         stats = {
             "received": self.received,
             "malformed": self.malformed,

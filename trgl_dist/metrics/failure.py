@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from trgl_dist.layout import Layout
 from trgl_dist.metrics.records import EndRecord, ErrorRecord, Record, of_kind
 
 
@@ -33,21 +34,27 @@ def reporters(records: Sequence[Record]) -> set[int]:
     return ended | {r.rank for r in of_kind(records, ErrorRecord)}
 
 
-def diagnose_failure(records: Sequence[Record], world_size: int | None = None) -> Failure | None:
+def diagnose_failure(records: Sequence[Record], layout: Layout | None = None) -> Failure | None:
     """The root cause among the error records, or None when there is none.
 
     A raised exception is the cause. Otherwise the rank that died is one that never
     reported (neither error nor end): first one named in "peer-lost" reports, else, when
-    ``world_size`` is known, any silent rank. Ranks stopped by a signal ("interrupted",
-    e.g. the launcher's SIGTERM after another rank died) are never the cause if another is
-    found.
+    the ``layout`` (hence every rank) is known, any silent rank. Ranks stopped by a signal
+    ("interrupted", e.g. the launcher's SIGTERM after another rank died) are never the
+    cause if another is found.
     """
     errors: list[ErrorRecord] = of_kind(records, ErrorRecord)
     if not errors:
         return None
+
+    def where(rank: int, stage: int | None = None) -> str:
+        if layout is not None:
+            return layout.describe(rank)
+        return f"stage {rank if stage is None else stage} (rank {rank})"
+
     for err in errors:
         if err.cause == "exception":
-            description = f"stage {err.stage} (rank {err.rank}) raised: {err.message}"
+            description = f"{where(err.rank, err.stage)} raised: {err.message}"
             return Failure(err.stage, err.rank, "exception", description, err.message)
     reported = reporters(records)
     silent = Counter(
@@ -55,12 +62,14 @@ def diagnose_failure(records: Sequence[Record], world_size: int | None = None) -
         for e in errors
         if e.cause == "peer-lost" and e.peer is not None and e.peer not in reported
     )
-    if not silent and world_size is not None:
-        silent.update(rank for rank in range(world_size) if rank not in reported)
+    if not silent and layout is not None:
+        silent.update(rank for rank in range(layout.world_size) if rank not in reported)
     if silent:
         dead = silent.most_common(1)[0][0]
-        description = f"stage {dead} (rank {dead}) died without reporting (killed?)"
-        return Failure(dead, dead, "died", description, reported_by=sorted(e.rank for e in errors))
+        stage = layout.stage_of(dead) if layout is not None else dead
+        description = f"{where(dead)} died without reporting (killed?)"
+        reported_by = sorted(e.rank for e in errors)
+        return Failure(stage, dead, "died", description, reported_by=reported_by)
     first = next((e for e in errors if e.cause != "interrupted"), errors[0])
-    description = f"stage {first.stage} (rank {first.rank}) {first.cause}: {first.message}"
+    description = f"{where(first.rank, first.stage)} {first.cause}: {first.message}"
     return Failure(first.stage, first.rank, first.cause, description, first.message)

@@ -99,6 +99,7 @@ class StageRecord(Record):
     kind: ClassVar[str] = "stage"
     stage: int = _count()
     rank: int = _count()
+    replica: int = _count(default=0)
     modules: tuple[int, ...]
     busy_s: float = _amount()
     wait_in_s: float = _amount()
@@ -116,6 +117,8 @@ class StageRecord(Record):
     peak_rss_mb: float = _amount()
     peak_tensor_mb: float = _amount()
     cuda_peak_mb: float | None = _optional(min=0.0)
+    step_ms: float | None = _optional(min=0.0)  # mean compute of a training step, after warm-up
+    step_peak_mb: float | None = _optional(min=0.0)  # one step's tensors, and queued batches
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -145,10 +148,11 @@ class ErrorRecord(Record):
 
 @dataclass(frozen=True, kw_only=True)
 class CheckpointRecord(Record):
-    """A stage wrote its file of the checkpoint of ``step``."""
+    """A stage wrote the files of its modules for the checkpoint of ``step``."""
 
     kind: ClassVar[str] = "checkpoint"
     stage: int = _count()
+    modules: tuple[int, ...] = ()
 
 
 KINDS: dict[str, type[Record]] = {

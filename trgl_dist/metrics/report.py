@@ -7,8 +7,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from trgl_dist.metrics.against_plan import plan_console_line, plan_table
 from trgl_dist.metrics.records import EvalRecord, Record, TrainRecord, of_kind
-from trgl_dist.rundir import PLOTS_DIR, REPORT_FILE
+from trgl_dist.metrics.timeline import plot_timeline
+from trgl_dist.rundir import PLOTS_DIR, REPORT_FILE, TRACE_FILE
 
 logger = logging.getLogger(__name__)
 
@@ -156,6 +158,12 @@ def _plot_stage_memory(stages: Sequence[dict[str, Any]], out: Path) -> Path | No
     return _save(fig, out / "stage_memory.png")
 
 
+def _plot_timeline(run_dir: Path, out: Path) -> Path | None:
+    """A short window of the run's trace, once the pipeline has filled (with --trace)."""
+    trace = run_dir / TRACE_FILE
+    return plot_timeline(trace, out / "timeline.png") if trace.is_file() else None
+
+
 def _last_train(records: Sequence[Record]) -> dict[int, TrainRecord]:
     return {r.module: r for r in of_kind(records, TrainRecord)}
 
@@ -226,6 +234,12 @@ def _markdown(records: Sequence[Record], summary: dict[str, Any], plots: list[Pa
     if summary.get("stages"):
         lines += ["", "## Per stage", "", *_stage_table(summary["stages"])]
         lines += ["", "Time shares are of busy + waiting time; memory is the per-process peak."]
+    planned = plan_table(summary)
+    if planned:
+        lines += ["", "## Plan against measurement", "", *planned, "",
+                  "Measured: each stage's mean training-step compute after warm-up, and the "
+                  "tensors of its 10th training step (MemTracker) with the batches queued "
+                  "around it; a stage's replicas are averaged (time) or the largest (memory)."]
     if plots:
         lines += ["", "## Plots", ""]
         lines += [f"![{p.stem.replace('_', ' ')}]({PLOTS_DIR}/{p.name})\n" for p in plots]
@@ -244,6 +258,7 @@ def write_report(run_dir: Path, records: Sequence[Record], summary: dict[str, An
         _plot_train_curve(records, "transport", "transport cost W", plots_dir),
         _plot_stage_time(stages, plots_dir),
         _plot_stage_memory(stages, plots_dir),
+        _plot_timeline(run_dir, plots_dir),
     ]
     plots = [p for p in made if p is not None]
     path = run_dir / REPORT_FILE
@@ -276,6 +291,7 @@ def format_console_report(summary: dict[str, Any]) -> str:
             f"stage {s['stage']} (modules {_module_list(s['modules'])}): busy {_pct(s['busy'])}, "
             f"waiting {_pct(s['wait'])}, peak RSS {_num(s['peak_rss_mb'])} MB"
             + ("" if cuda is None else f", CUDA peak {_num(cuda)} MB")
+            + plan_console_line(summary, s["stage"])
         )
     if summary.get("failure"):
         lines.append(f"FAILED: {summary['failure'].get('description', summary['failure'])}")

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
+import statistics
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -48,29 +49,45 @@ def cuda_peaks(records: Sequence[Record]) -> dict[int, float]:
 
 
 def stage_summaries(records: Sequence[Record]) -> list[dict[str, Any]]:
-    """One entry per stage, from its last end record (a resumed run ends more than once)."""
-    last_end: dict[int, EndRecord] = {r.stage: r for r in of_kind(records, EndRecord)}
+    """One entry per stage, from each of its ranks' last end record (a resumed run ends more
+    than once): its replicas' samples add up, their time shares and step times are
+    averaged, their memory is the largest."""
+    last_end: dict[int, EndRecord] = {r.rank: r for r in of_kind(records, EndRecord)}
+    by_stage: dict[int, list[EndRecord]] = {}
+    for end in last_end.values():
+        by_stage.setdefault(end.stage, []).append(end)
     peaks = cuda_peaks(records)
-    stages = []
-    for stage, end in sorted(last_end.items()):
-        total = end.busy_s + end.wait_in_s + end.wait_out_s or 1.0  # all zero: shares are 0
-        stages.append(
-            {
-                "stage": stage,
-                "modules": list(end.modules),
-                "busy": end.busy_s / total,
-                "wait": (end.wait_in_s + end.wait_out_s) / total,
-                "wait_in": end.wait_in_s / total,
-                "wait_out": end.wait_out_s / total,
-                "samples_per_s": end.samples_per_s,
-                "peak_rss_mb": end.peak_rss_mb,
-                "peak_tensor_mb": end.peak_tensor_mb,
-                "cuda_peak_mb": peaks.get(stage),
-                "bytes_sent": end.bytes_sent,
-                "staleness_mean": end.staleness_mean,
-            }
-        )
-    return stages
+    return [_stage_entry(stage, ends, peaks.get(stage)) for stage, ends in sorted(by_stage.items())]
+
+
+def _stage_entry(stage: int, ends: list[EndRecord], cuda_peak: float | None) -> dict[str, Any]:
+    def share(part: Callable[[EndRecord], float]) -> float:
+        fractions = [part(e) / (e.busy_s + e.wait_in_s + e.wait_out_s or 1.0) for e in ends]
+        return statistics.fmean(fractions)  # all zero: shares are 0
+
+    def largest(values: Iterable[float | None]) -> float | None:
+        known = [v for v in values if v is not None]
+        return max(known) if known else None
+
+    steps = [e.step_ms for e in ends if e.step_ms is not None]
+    stalenesses = [e.staleness_mean for e in ends if e.staleness_mean is not None]
+    return {
+        "stage": stage,
+        "replicas": len(ends),
+        "modules": list(ends[0].modules),
+        "busy": share(lambda e: e.busy_s),
+        "wait": share(lambda e: e.wait_in_s + e.wait_out_s),
+        "wait_in": share(lambda e: e.wait_in_s),
+        "wait_out": share(lambda e: e.wait_out_s),
+        "samples_per_s": sum(e.samples_per_s for e in ends),
+        "peak_rss_mb": largest(e.peak_rss_mb for e in ends),
+        "peak_tensor_mb": largest(e.peak_tensor_mb for e in ends),
+        "cuda_peak_mb": cuda_peak,
+        "step_ms": statistics.fmean(steps) if steps else None,
+        "step_peak_mb": largest(e.step_peak_mb for e in ends),
+        "bytes_sent": sum(e.bytes_sent for e in ends),
+        "staleness_mean": statistics.fmean(stalenesses) if stalenesses else None,
+    }
 
 
 def epoch_times(records: Sequence[Record]) -> list[float]:

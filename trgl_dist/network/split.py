@@ -17,7 +17,7 @@ import copy
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -186,10 +186,14 @@ def memory_costs(backbone: Backbone, spec: InputSpec, batch_size: int) -> list[f
 
 @dataclass(frozen=True)
 class TimeProfile:
-    """Forward+backward seconds of each block (stem in block 0) and of a head after it."""
+    """Forward+backward seconds of each block (stem in block 0) and of a head after it,
+    and the seconds of an SGD update of each (the planner counts them; the equal-time
+    split balances forward and backward only)."""
 
     blocks: list[float]
     heads: list[float]  # heads[j]: a head (and its loss) on block j's output
+    block_updates: list[float] = field(default_factory=list)
+    head_updates: list[float] = field(default_factory=list)  # of the head after block j
 
 
 def median_seconds(
@@ -223,6 +227,15 @@ def block_pass(layer: nn.Module, x: Tensor) -> Callable[[], None]:
     return run
 
 
+def update_pass(layer: nn.Module) -> Callable[[], None]:
+    """One SGD update (momentum, weight decay) of ``layer``'s parameters."""
+    params = [p for p in layer.parameters() if p.requires_grad]
+    for p in params:
+        p.grad = torch.ones_like(p)
+    optimizer = torch.optim.SGD(params, lr=0.0, momentum=0.9, weight_decay=5e-4)
+    return optimizer.step
+
+
 def head_pass(head: nn.Module, h: Tensor, num_classes: int) -> Callable[[], None]:
     """One forward+backward of a head with its cross-entropy, the gradient reaching ``h``."""
     y = torch.arange(len(h), device=h.device) % num_classes
@@ -244,8 +257,9 @@ def profile_times(
     device: torch.device = CPU,
 ) -> TimeProfile:
     """Time every block and a head after it on ``device``, on copies (the model is
-    untouched, its BatchNorm statistics and the global RNG too). On CPU with one thread:
-    a pipeline stage runs with one (torchrun sets OMP_NUM_THREADS=1)."""
+    untouched, its BatchNorm statistics and the global RNG too); blocks of one type, input
+    shape and parameter shapes compute the same, so one of them is timed for all. On CPU
+    with one thread: a pipeline stage runs with one (torchrun sets OMP_NUM_THREADS=1)."""
     threads = torch.get_num_threads()
     if device.type == "cpu":
         torch.set_num_threads(1)
@@ -267,12 +281,21 @@ def _profile(
     x = torch.rand(batch_size, spec.channels, spec.size, spec.size, device=device)
     layers: list[nn.Module] = [backbone.stem, *backbone.blocks]
     seconds: list[float] = []
-    heads: list[float] = []
-    by_shape: dict[tuple[int, ...], float] = {}  # blocks of one resolution share a head cost
+    updates: list[float] = []
+    heads: list[tuple[float, float]] = []  # (forward+backward, update) of the head after j
+    by_shape: dict[tuple[int, ...], tuple[float, float]] = {}  # one resolution, one head cost
+    alike: dict[tuple[object, ...], tuple[float, float]] = {}  # blocks that compute the same
     for index, layer in enumerate(layers):
         probe = copy.deepcopy(layer).to(device).train()
         x = x.detach().requires_grad_(index > 0)  # the data needs no gradient
-        seconds.append(median_seconds(block_pass(probe, x), repeats, device))
+        kind = (type(layer), tuple(x.shape), *(p.shape for p in layer.parameters()))
+        if kind not in alike:
+            alike[kind] = (
+                median_seconds(block_pass(probe, x), repeats, device),
+                median_seconds(update_pass(probe), repeats, device),
+            )
+        seconds.append(alike[kind][0])
+        updates.append(alike[kind][1])
         with torch.no_grad():
             out = probe(x)
         x = out[0] if isinstance(probe, Block) else out
@@ -280,12 +303,18 @@ def _profile(
         if index > 0 and shape not in by_shape:
             aux = build_head(head, shape, spec.num_classes, backbone.layout).to(device).train()
             h = x.detach().requires_grad_(True)
-            by_shape[shape] = median_seconds(
-                head_pass(aux, h, spec.num_classes), repeats, device
+            by_shape[shape] = (
+                median_seconds(head_pass(aux, h, spec.num_classes), repeats, device),
+                median_seconds(update_pass(aux), repeats, device),
             )
         if index > 0:
             heads.append(by_shape[shape])
-    return TimeProfile([seconds[0] + seconds[1], *seconds[2:]], heads)
+    return TimeProfile(
+        [seconds[0] + seconds[1], *seconds[2:]],
+        [fb for fb, _ in heads],
+        [updates[0] + updates[1], *updates[2:]],
+        [u for _, u in heads],
+    )
 
 
 def block_costs(

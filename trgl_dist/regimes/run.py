@@ -54,9 +54,9 @@ def run_single_process(config: Config, resume: Resume | None = None) -> int:
         module.to(device)
     learners = build_learners(config, modules)
     run_dir = run_directory(config.train.out, config.train.regime, resume is not None)
-    meta = run_meta(config, counts, spec, stages=1)
+    meta = run_meta(config, counts, spec)
     start_step, position = (
-        restore(run_dir, learners, meta, 0, resume.step) if resume is not None else (0, {})
+        restore(run_dir, learners, meta, resume.step) if resume is not None else (0, {})
     )
     write_toml(config, run_dir / CONFIG_FILE)
     log.info(

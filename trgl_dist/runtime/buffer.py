@@ -122,6 +122,19 @@ class BatchBuffer:
             self._closed = True
             self._changed.notify_all()
 
+    def last_word(self, batch: Batch) -> None:
+        """A failed stage's ERROR batch: whatever is queued is dropped, ``batch`` is the next
+        and last one delivered, and later puts are refused. Never blocks (the buffer may be
+        full behind a stalled peer)."""
+        with self._changed:
+            for entry in self._entries:
+                self._account(entry.batch, -1)
+            self._entries = [_Entry(batch, self._puts)]
+            self._puts += 1
+            self._account(batch, +1)
+            self._closed = True
+            self._changed.notify_all()
+
     def fail(self, exc: BaseException) -> None:
         """Wake every waiter; from now on ``get`` and ``put`` raise ``exc``."""
         with self._changed:

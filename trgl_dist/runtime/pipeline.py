@@ -3,50 +3,36 @@
 from __future__ import annotations
 
 import ipaddress
-import json
 import logging
 import os
 import secrets
 import signal
 import socket
 import sys
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
-import torch
-import torch.distributed as dist
-
-from trgl_dist.checkpoints import files as ckpt
 from trgl_dist.config import Config, write_toml
-from trgl_dist.data import build_datasets
 from trgl_dist.errors import CheckpointError, ConfigError, UserError, user_message
+from trgl_dist.layout import Layout
 from trgl_dist.metrics.client import MetricsClient
 from trgl_dist.metrics.collector import RunShape
 from trgl_dist.metrics.coordinator import CoordinatorJob, CoordinatorProcess, start_coordinator
 from trgl_dist.metrics.records import MAX_MESSAGE_CHARS, CheckpointRecord, ErrorRecord
-from trgl_dist.network.models import InputSpec
-from trgl_dist.rundir import CONFIG_FILE, run_directory
+from trgl_dist.metrics.spans import NullRecorder, Recorder, SpanRecorder
+from trgl_dist.rundir import CONFIG_FILE, TRACE_DIR, run_directory
 from trgl_dist.runtime import topology as topo
-from trgl_dist.runtime.buffer import BatchBuffer
-from trgl_dist.runtime.link import PeerFailure, Receiver, Sender
-from trgl_dist.runtime.planes import LinkEnd, warm_links
-from trgl_dist.runtime.streams import DeviceStreams
+from trgl_dist.runtime.link import PeerFailure
+from trgl_dist.runtime.planes import warm_links
+from trgl_dist.runtime.startup import StartFailed, agree_on_plan, broadcast_json, together
 from trgl_dist.runtime.watchdog import Watchdog
-from trgl_dist.runtime.wire import WireFormat
-from trgl_dist.training.build import build_network, resolve_split
-from trgl_dist.training.items import Batch
-from trgl_dist.training.learner import ModuleLearner, build_learners
-from trgl_dist.training.schedule import DataFeed, batch_stream, inbox_stream, stage_plan
-from trgl_dist.training.snapshot import Resume, restore, run_meta, stage_state
-from trgl_dist.training.stage import SaveStage, Send, StageWorker, stage_modules
-from trgl_dist.training.timing import timer_for
+from trgl_dist.runtime.wiring import Stage, build_stage, run_stage
+from trgl_dist.training.snapshot import Resume, restore, save_modules
 
 log = logging.getLogger("trgl_dist")
 COORDINATOR_WAIT_S = 60.0
-RUN_INFO_BYTES = 4096
 SECRET_ENV = "TRGL_RUN_SECRET"
 _LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
 
@@ -58,95 +44,24 @@ class Interrupted(BaseException):
     checkpoint, say) may take a signal for an error of its own."""
 
 
-class StartFailed(UserError):
-    """Another rank could not start (it printed why); this one stops with it."""
-
-
-@dataclass
-class Stage:
-    """This rank's part of the run: its learners and what it needs around them."""
-
-    config: Config  # as resolved (an equal-time split made explicit)
-    learners: list[ModuleLearner]
-    feed: DataFeed  # the batches; only stage 0 draws them
-    counts: list[int]  # blocks per module, whole network
-    meta: dict[str, object]  # what a checkpoint must agree on
-    start_step: int = 0  # resumed: the checkpoint's step
-
-
-def build_stage(config: Config, topology: topo.Topology) -> Stage:
-    """Data (stage 0 first, so one process stages the files), all modules built from the seed,
-    this stage's learners kept."""
-    if not topology.is_first:
-        dist.barrier(group=topology.control_world)
-    torch.manual_seed(config.train.seed)
-    train_set, test_set, spec = build_datasets(config.data, config.train.seed)
-    if topology.is_first:
-        dist.barrier(group=topology.control_world)
-    config = _agree_on_split(config, spec, topology)
-    modules, counts = build_network(config, spec)
-    try:
-        mine = stage_modules(len(modules), topology.world_size, topology.stage)
-    except ValueError as err:
-        raise ConfigError(str(err)) from None
-    for k in mine:
-        modules[k].to(topology.device)
-    meta = run_meta(config, counts, spec, stages=topology.world_size)
-    learners = build_learners(config, modules, mine)
-    feed = DataFeed(config, train_set, test_set, topology.device)
-    return Stage(config, learners, feed, counts, meta)
-
-
-def _agree_on_split(config: Config, spec: InputSpec, topology: topo.Topology) -> Config:
-    """Rank 0 measures an equal-time split on its device; every rank takes its counts."""
-    if config.model.split != "equal-time" or config.model.split_counts:
-        return config
-    counts = torch.zeros(config.model.modules, dtype=torch.int64)
-    if topology.is_first:
-        resolved = resolve_split(config, spec, topology.device)
-        counts[:] = torch.tensor(resolved.model.split_counts)
-    dist.broadcast(counts, src=0, group=topology.control_world)
-    return config.replace("model", split_counts=tuple(counts.tolist()))
-
-
 def _start(config: Config, topology: topo.Topology, resume: Resume | None) -> Stage:
-    """Build the stage (and restore it), then agree with every rank that all started.
+    """Build the stage (and restore it); every rank starts, or all stop (startup.together)."""
 
-    A rank that fails says why (a checkpoint error names its own file, on its own rank;
-    an error every rank shares is said once, by the lowest rank that has it); the others
-    stop with it instead of waiting for a peer that will never come.
-    """
-    error: UserError | None = None
-    stage = None
-    try:
+    def build() -> Stage:
         stage = build_stage(config, topology)
         if resume is not None:
             run_dir = Path(config.train.out)
-            stage.start_step = restore(
-                run_dir, stage.learners, stage.meta, topology.stage, resume.step
-            )[0]
-    except UserError as err:
-        error = err
-    failed = torch.tensor([topology.rank if error is not None else topology.world_size])
-    dist.all_reduce(failed, op=dist.ReduceOp.MIN, group=topology.control_world)
-    first = int(failed.item())
-    if error is not None:
-        speaks = isinstance(error, CheckpointError) or topology.rank == first
-        raise error if speaks else StartFailed(str(error))
-    if first < topology.world_size:
-        raise StartFailed(f"rank {first} could not start")
-    assert stage is not None
-    return stage
+            step = restore(run_dir, stage.learners, stage.meta, resume.step)[0]
+            if step % topology.plan.period:
+                raise CheckpointError(
+                    f"checkpoint step {step} falls inside a window of --stage-replicas "
+                    f"{','.join(map(str, topology.plan.replicas))}: resume from a step that is "
+                    f"a multiple of {topology.plan.period}"
+                )
+            stage.start_step = step
+        return stage
 
-
-def _source(
-    config: Config, topology: topo.Topology, stage: Stage, inbox: BatchBuffer | None,
-    streams: DeviceStreams,
-) -> Iterator[tuple[Batch, float]]:
-    if topology.is_first:
-        return batch_stream(config, stage.feed, stage.start_step)
-    assert inbox is not None
-    return ((streams.adopt(batch), waited) for batch, waited in inbox_stream(inbox))
+    return together(topology, build)
 
 
 def _on_sigterm(signum: int, frame: FrameType | None) -> None:
@@ -169,11 +84,19 @@ def run_pipeline(config: Config, resume: Resume | None = None) -> int:
     services = _Services()
     topology = None
     try:
-        topology = topo.init_distributed(config.pipeline.link_timeout)
+        planned: list[tuple[Config, dict[str, Any]]] = []
+
+        def plan_layout(joined: topo.Topology) -> Layout:
+            ran, layout, prediction = agree_on_plan(config, joined)
+            planned.append((ran, prediction))
+            return layout
+
+        topology = topo.init_distributed(config.pipeline.link_timeout, choose_layout=plan_layout)
         logging.getLogger().handlers[0].setFormatter(
-            logging.Formatter(f"%(asctime)s [stage {topology.stage}] %(message)s", "%H:%M:%S")
+            logging.Formatter(f"%(asctime)s [{topology.where}] %(message)s", "%H:%M:%S")
         )
-        _train(config, topology, services, resume)
+        ran, prediction = planned[0] if planned else (config, {})
+        _train(ran, config, prediction, topology, services, resume)
         code = 0
     except BaseException as err:  # noqa: BLE001 - every failure ends in one report and exit code
         code = _failed(err, topology, services.client)
@@ -181,15 +104,25 @@ def run_pipeline(config: Config, resume: Resume | None = None) -> int:
 
 
 def _train(
-    config: Config, topology: topo.Topology, services: _Services, resume: Resume | None
+    config: Config,
+    given: Config,
+    prediction: dict[str, Any],
+    topology: topo.Topology,
+    services: _Services,
+    resume: Resume | None,
 ) -> None:
+    """Train ``config`` (the plan made explicit); the run directory records the split and
+    the layout as the user ``given`` them, so a resumed run may lay out its ranks anew."""
     stage = _start(config, topology, resume)
     config = stage.config
     warm_links(topology)  # from this thread, before the link threads exist
-    info: dict[str, str] = {}
-    if topology.is_first:
-        info = _start_coordinator(config, topology, stage, services, resume)
-    info = _share_run_info(topology, info)
+    info: dict[str, Any] = {}
+    if topology.is_rank_zero:
+        recorded = config.replace("pipeline", **{
+            key: getattr(given.pipeline, key) for key in ("stage_modules", "stage_replicas")
+        })
+        info = _start_coordinator(recorded, topology, stage, prediction, services, resume)
+    info = broadcast_json(topology, info)
     services.client = MetricsClient(
         info["records"], rank=topology.rank, secret=bytes.fromhex(info["secret"])
     )
@@ -201,25 +134,19 @@ def _train(
     send = services.client.send
 
     def save(step: int, epoch: int) -> None:
-        ckpt.save_stage(run_dir, step, topology.stage, stage_state(stage.learners, step, {}))
-        send(CheckpointRecord(step=step, epoch=epoch, stage=topology.stage))
+        modules = tuple(save_modules(run_dir, step, stage.learners, {}))
+        record = CheckpointRecord(step=step, epoch=epoch, stage=topology.stage, modules=modules)
+        send(record)
 
-    run_stage(config, topology, stage, send, save)
-    services.watchdog.stand_down()
-
-
-def _share_run_info(topology: topo.Topology, info: dict[str, str]) -> dict[str, str]:
-    """Rank 0's run directory, coordinator addresses and the run's secret (hex), broadcast
-    to every rank as JSON bytes on the control plane."""
-    payload = torch.zeros(RUN_INFO_BYTES, dtype=torch.uint8)
-    if topology.is_first:
-        raw = json.dumps(info).encode()
-        payload[: len(raw)] = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
+    spans: Recorder = NullRecorder()
+    if config.pipeline.trace:
+        path = run_dir / TRACE_DIR / f"rank-{topology.rank}.jsonl"
+        spans = SpanRecorder(path, rank=topology.rank, label=topology.where)
     try:
-        dist.broadcast(payload, src=0, group=topology.control_world)
-    except RuntimeError as err:  # rank 0 failed before it could share them: it says why
-        raise PeerFailure(0, str(err)) from None
-    return dict(json.loads(bytes(payload[payload.nonzero().flatten()].tolist()).decode()))
+        run_stage(config, topology, stage, send, save, spans)
+    finally:
+        spans.close()
+    services.watchdog.stand_down()
 
 
 def coordinator_bind(config: Config, topology: topo.Topology) -> tuple[str, str | None]:
@@ -280,6 +207,7 @@ def _start_coordinator(
     config: Config,
     topology: topo.Topology,
     stage: Stage,
+    prediction: dict[str, Any],
     services: _Services,
     resume: Resume | None,
 ) -> dict[str, str]:
@@ -288,7 +216,11 @@ def _start_coordinator(
     write_toml(config, run_dir / CONFIG_FILE)
     secret = run_secret()
     shape = RunShape(
-        topology.world_size, config.model.modules, "pipeline", config.pipeline.link_timeout
+        topology.world_size,
+        config.model.modules,
+        "pipeline",
+        config.pipeline.link_timeout,
+        topology.plan.replicas,
     )
     job = CoordinatorJob(
         run_dir,
@@ -296,13 +228,18 @@ def _start_coordinator(
         secret,
         bind=bind,
         append=resume is not None,
-        extra={"blocks_per_module": stage.counts},
+        extra={
+            "blocks_per_module": stage.counts,
+            "stage_replicas": list(topology.plan.replicas),
+            "prediction": prediction,
+        },
         checkpoints={"meta": stage.meta, "keep": config.train.keep_checkpoints},
     )
     services.coordinator, addresses = start_coordinator(job, connect_host=connect_host)
     log.info(
-        "%d stages, modules of %s blocks, run directory %s",
-        topology.world_size,
+        "%d stages (replicas %s), modules of %s blocks, run directory %s",
+        topology.num_stages,
+        ",".join(map(str, topology.plan.replicas)),
         stage.counts,
         run_dir,
     )
@@ -370,74 +307,6 @@ def _teardown(code: int, services: _Services) -> int:
         os._exit(code)
     topo.shutdown()
     return code
-
-
-def run_stage(
-    config: Config, topology: topo.Topology, stage: Stage, send: Send, save: SaveStage | None = None
-) -> StageWorker:
-    """Train this stage until END; records go to ``send``, checkpoints to ``save``.
-    Returns the finished worker (its clock and buffers hold the stage's statistics)."""
-    worker, threads = _wire_stage(config, topology, stage, send, save)
-    worker.run()
-    for thread in threads:
-        # The sender returns once END is on the wire, the receiver once END arrived: a
-        # process group torn down before that would leave the next stage waiting. No
-        # bound here: a peer that never answers is the watchdog's to end.
-        thread.join()
-    return worker
-
-
-class _Handoff:
-    """The outbox as the compute thread sees it: each batch handed off with its CUDA event."""
-
-    def __init__(self, outbox: BatchBuffer, streams: DeviceStreams) -> None:
-        self.outbox, self.streams = outbox, streams
-
-    @property
-    def depth(self) -> int:
-        return self.outbox.depth
-
-    def put(self, batch: Batch) -> float:
-        return self.outbox.put(self.streams.handoff(batch))
-
-    def stats(self) -> dict[str, Any]:
-        return self.outbox.stats()
-
-
-def _wire_stage(
-    config: Config, topology: topo.Topology, stage: Stage, send: Send, save: SaveStage | None
-) -> tuple[StageWorker, list[Receiver | Sender]]:
-    """The stage with its inbox (fed by a receiver thread) and outbox (drained by a sender)."""
-    p = config.pipeline
-    streams = DeviceStreams(topology.device)
-    wire = WireFormat(max_labels=2 * config.data.batch_size)  # a test batch is twice as big
-    inbox = outbox = None
-    threads: list[Receiver | Sender] = []
-    if not topology.is_first:
-        inbox = BatchBuffer(p.buffer_size, p.buffer_policy, p.max_reuse)
-        end = LinkEnd(topology.inbound_link(), wire, topology.device, streams)
-        threads.append(Receiver(end, inbox))
-    if not topology.is_last:
-        outbox = BatchBuffer(p.buffer_size, "fifo")
-        end = LinkEnd(topology.outbound_link(), wire, topology.device, streams)
-        threads.append(Sender(end, outbox))
-    for thread in threads:
-        thread.start()
-    worker = StageWorker(
-        topology.stage,
-        stage.learners,
-        _source(config, topology, stage, inbox, streams),
-        _Handoff(outbox, streams) if outbox is not None else None,
-        send,
-        stage_plan(config, stage.feed, stage.start_step),
-        device=topology.device,
-        rank=topology.rank,
-        timer=timer_for(topology.device),
-        inbox=inbox,
-        links=threads,
-        save=save,
-    )
-    return worker, threads
 
 
 def _report(

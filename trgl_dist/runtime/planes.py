@@ -7,6 +7,7 @@ Gloo through pinned host memory when the two stages share a GPU.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import torch
@@ -31,21 +32,26 @@ def payload_buffer(
 
 
 def warm_links(topology: Topology) -> None:
-    """Open every payload plane from the main thread, link by link along the chain.
+    """Open every payload plane (and the replica group) from the main thread, link by link
+    along the chain.
 
     NCCL creates a communicator on its first use; two threads of one process each first
     using their own communicator can deadlock in that set-up. Here each rank first receives
-    on its inbound link, then sends on its outbound one, so the chain opens in order.
+    on its inbound links, then sends on its outbound ones, each in the order of its peers'
+    ranks, so the chain opens in one order every rank agrees on.
     """
-    if topology.inbound is not None:
-        link = topology.inbound
+    for link in topology.inbound_links:
         buffer = payload_buffer((1,), torch.float32, topology.device, link.via_host)
         dist.recv(buffer, src=link.peer, group=link.payload)
-    if topology.outbound is not None:
-        link = topology.outbound
+    for link in topology.outbound_links:
         buffer = payload_buffer((1,), torch.float32, topology.device, link.via_host)
-        buffer.fill_(1.0)
-        dist.send(buffer, dst=link.peer, group=link.payload)
+        dist.send(buffer.fill_(1.0), dst=link.peer, group=link.payload)
+    if topology.replica_group is not None:
+        device = torch.device("cpu") if topology.replica_via_host else topology.device
+        probe = torch.ones(1, device=device)
+        if not topology.replica_via_host:
+            strict.device_tensor(probe)
+        dist.all_reduce(probe, group=topology.replica_group)
 
 
 class LinkEnd:
@@ -62,6 +68,7 @@ class LinkEnd:
         self.peer = planes.peer
         self.control = wire.new_buffer()  # reused: a Gloo send or recv returns when done
         self.stream: Any = None  # created in the thread that uses it
+        self.header_at_ns = 0  # when the last received batch's control message arrived
 
     def send(self, batch: Batch) -> int:
         """Send ``batch`` to the peer; returns the bytes sent. Blocking: on Gloo a send
@@ -89,6 +96,7 @@ class LinkEnd:
         and complete: the payload recv was posted after its control message, on this
         thread's stream, which is synchronized before returning."""
         dist.recv(self.control, src=self.peer, group=self.planes.control)
+        self.header_at_ns = time.time_ns()  # the transfer starts; before, the link was idle
         header, y, ids, message = self.wire.decode(self.control)
         x = None
         if self.stream is None:

@@ -18,6 +18,7 @@ import datetime
 import logging
 import os
 import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -25,7 +26,15 @@ import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
 from trgl_dist.errors import UserError
+from trgl_dist.layout import Layout, LayoutError
 from trgl_dist.runtime import strict
+from trgl_dist.runtime.groups import (
+    LinkPlanes,
+    Placement,
+    build_links,
+    build_replica_groups,
+    new_group,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -44,44 +53,58 @@ class TopologyError(UserError, RuntimeError):
 
 
 @dataclass(frozen=True)
-class Placement:
-    """Where a rank runs: its node (torchrun's GROUP_RANK), its GPU (-1: none), its pid."""
-
-    node: int
-    gpu: int
-    pid: int
-
-    def shares_gpu_with(self, other: Placement) -> bool:
-        return self.gpu >= 0 and (self.node, self.gpu) == (other.node, other.gpu)
-
-
-@dataclass(frozen=True)
-class LinkPlanes:
-    """The two groups of one link, seen from one of its ends."""
-
-    peer: int
-    control: ProcessGroup  # Gloo, CPU tensors only
-    payload: ProcessGroup  # NCCL (device tensors), or Gloo
-    via_host: bool  # on GPU: activations travel through pinned host memory over Gloo
-
-
-@dataclass(frozen=True)
 class Topology:
-    """This rank's place in the chain of stages: stage r runs on rank r."""
+    """This rank's place in the chain of stages: its stage and replica (see layout.py), its
+    links to the replicas of the stages before and after, and its stage's replica group."""
 
     rank: int
     world_size: int
     local_rank: int
     device: torch.device
     local_world_size: int = 1
+    layout: Layout | None = None  # None: one replica per stage
     placements: tuple[Placement, ...] = field(default=(), compare=False)
     control_world: ProcessGroup | None = field(default=None, compare=False, repr=False)
-    inbound: LinkPlanes | None = field(default=None, compare=False, repr=False)
-    outbound: LinkPlanes | None = field(default=None, compare=False, repr=False)
+    inbound_links: tuple[LinkPlanes, ...] = field(default=(), compare=False, repr=False)
+    outbound_links: tuple[LinkPlanes, ...] = field(default=(), compare=False, repr=False)
+    # The replicas of this stage, on the payload backend (None with one replica); through
+    # host memory when two of them share a GPU.
+    replica_group: ProcessGroup | None = field(default=None, compare=False, repr=False)
+    replica_via_host: bool = False
+
+    @property
+    def plan(self) -> Layout:
+        return self.layout or Layout((1,) * self.world_size)
 
     @property
     def stage(self) -> int:
-        return self.rank
+        return self.plan.place(self.rank)[0]
+
+    @property
+    def replica(self) -> int:
+        return self.plan.place(self.rank)[1]
+
+    @property
+    def replicas(self) -> int:
+        """How many replicas this rank's stage has."""
+        return self.plan.replicas[self.stage]
+
+    @property
+    def num_stages(self) -> int:
+        return self.plan.num_stages
+
+    @property
+    def where(self) -> str:
+        """How people name this rank: "stage 1 (rank 1)" or "stage 0 replica 1 (rank 1)"."""
+        return self.plan.describe(self.rank)
+
+    @property
+    def inbound(self) -> LinkPlanes | None:
+        return self.inbound_links[0] if len(self.inbound_links) == 1 else None
+
+    @property
+    def outbound(self) -> LinkPlanes | None:
+        return self.outbound_links[0] if len(self.outbound_links) == 1 else None
 
     @property
     def backend(self) -> str:
@@ -90,11 +113,16 @@ class Topology:
 
     @property
     def is_first(self) -> bool:
-        return self.rank == 0
+        """On the first stage: it draws the data."""
+        return self.stage == 0
 
     @property
     def is_last(self) -> bool:
-        return self.rank == self.world_size - 1
+        return self.stage == self.num_stages - 1
+
+    @property
+    def is_rank_zero(self) -> bool:
+        return self.rank == 0
 
     @property
     def is_distributed(self) -> bool:
@@ -106,6 +134,7 @@ class Topology:
 
     @property
     def prev_rank(self) -> int | None:
+        """The rank before this one on a chain of single replicas."""
         return None if self.is_first else self.rank - 1
 
     @property
@@ -113,22 +142,24 @@ class Topology:
         return None if self.is_last else self.rank + 1
 
     def inbound_link(self) -> LinkPlanes:
-        """The planes of the link prev -> self (raises on the first stage)."""
+        """The one inbound link of a stage with a single upstream replica."""
         if self.is_first:
             raise ValueError(f"stage {self.stage} is the first stage: it has no inbound link")
-        return _built(self.inbound)
+        return _one(self.inbound_links)
 
     def outbound_link(self) -> LinkPlanes:
-        """The planes of the link self -> next (raises on the last stage)."""
+        """The one outbound link of a stage with a single downstream replica."""
         if self.is_last:
             raise ValueError(f"stage {self.stage} is the last stage: it has no outbound link")
-        return _built(self.outbound)
+        return _one(self.outbound_links)
 
 
-def _built(link: LinkPlanes | None) -> LinkPlanes:
-    if link is None:
+def _one(links: tuple[LinkPlanes, ...]) -> LinkPlanes:
+    if not links:
         raise RuntimeError("link groups are missing: build the topology with init_distributed")
-    return link
+    if len(links) > 1:
+        raise RuntimeError(f"{len(links)} links here: use the tuple of links")
+    return links[0]
 
 
 def _env_int(name: str, default: int | None) -> int:
@@ -176,9 +207,18 @@ def device_for(local_rank: int) -> torch.device:
 
 
 def init_distributed(
-    link_timeout_s: float = DEFAULT_LINK_TIMEOUT_S, init_method: str | None = None
+    link_timeout_s: float = DEFAULT_LINK_TIMEOUT_S,
+    init_method: str | None = None,
+    replicas: Sequence[int] = (),
+    choose_layout: Callable[[Topology], Layout] | None = None,
 ) -> Topology:
-    """Join the process group and build the two planes of every link r -> r+1.
+    """Join the process group and build the two planes of every link between replicas of
+    consecutive stages that exchange batches, and each stage's replica group.
+
+    ``replicas`` are the replica counts per stage (``--stage-replicas``; see layout.py).
+    ``choose_layout``, when given, decides the layout instead, once every rank has joined:
+    it gets a topology with the control world (and a layout of one replica per stage) and
+    must return the same layout on every rank.
 
     A single process (WORLD_SIZE=1) creates no process group at all. ``init_method``
     defaults to torchrun's ``env://``; tests pass a ``file://`` store. ``link_timeout_s``
@@ -188,6 +228,10 @@ def init_distributed(
     topology = from_env()
     if not topology.is_distributed:
         return topology
+    try:
+        layout = Layout.for_world(topology.world_size, () if choose_layout else replicas)
+    except LayoutError as err:
+        raise TopologyError(str(err)) from None
     if dist.is_initialized():
         raise RuntimeError("torch.distributed is already initialized; call shutdown() first")
     cuda = topology.device.type == "cuda"
@@ -207,20 +251,26 @@ def init_distributed(
         rank=topology.rank,
     )
     strict.install_if_enabled(topology.device)
-    control_world = _new_group(None, "gloo", control_timeout, "host", "the control world group")
+    control_world = new_group(None, "gloo", control_timeout, "host", "the control world group")
     placements = _gather_placements(topology, control_world)
-    links = _build_links(topology, placements, datetime.timedelta(seconds=link_timeout_s))
+    topology = dataclasses.replace(topology, placements=placements, control_world=control_world)
+    if choose_layout is not None:
+        layout = choose_layout(topology)
+    topology = dataclasses.replace(topology, layout=layout)
+    payload_timeout = datetime.timedelta(seconds=link_timeout_s)
+    inbound, outbound = build_links(topology, placements, payload_timeout, control_timeout)
+    replica_group, replica_via_host = build_replica_groups(topology, placements, payload_timeout)
     topology = dataclasses.replace(
         topology,
-        placements=placements,
-        control_world=control_world,
-        inbound=links.get(topology.rank - 1),
-        outbound=links.get(topology.rank),
+        inbound_links=inbound,
+        outbound_links=outbound,
+        replica_group=replica_group,
+        replica_via_host=replica_via_host,
     )
     _warn_about_shared_gpus(topology)
     logger.info(
-        "[stage %d] joined %d ranks on %s; activations %s",
-        topology.stage,
+        "[%s] joined %d ranks on %s; activations %s",
+        topology.where,
         topology.world_size,
         topology.device,
         _transports(topology),
@@ -231,24 +281,12 @@ def init_distributed(
 def _transports(topology: Topology) -> str:
     """How this rank's links carry activations, for the start-up line."""
     ends = [
-        f"{direction} over {'gloo via host memory' if link.via_host else topology.backend}"
-        for direction, link in (("in", topology.inbound), ("out", topology.outbound))
-        if link is not None
+        f"{direction} from rank {link.peer} over "
+        f"{'gloo via host memory' if link.via_host else topology.backend}"
+        for direction, links in (("in", topology.inbound_links), ("out", topology.outbound_links))
+        for link in links
     ]
     return ", ".join(ends) or "none"
-
-
-def _new_group(
-    ranks: list[int] | None, backend: str, timeout: datetime.timedelta, carries: str, name: str
-) -> ProcessGroup | None:
-    """new_group is collective over the world: every rank creates every group, in the same
-    order, even those it is not part of (it gets a sentinel, returned here as None).
-    ``carries`` is "host" or "device": what the strict mode lets travel on it."""
-    group = dist.new_group(ranks=ranks, timeout=timeout, backend=backend)
-    if not isinstance(group, ProcessGroup):
-        return None
-    strict.register(group, carries, name)
-    return group
 
 
 def _gather_placements(topology: Topology, control: ProcessGroup | None) -> tuple[Placement, ...]:
@@ -260,44 +298,18 @@ def _gather_placements(topology: Topology, control: ProcessGroup | None) -> tupl
     return tuple(Placement(*(int(v) for v in t.tolist())) for t in every)
 
 
-def _build_links(
-    topology: Topology, placements: tuple[Placement, ...], link_timeout: datetime.timedelta
-) -> dict[int, LinkPlanes]:
-    """Both planes of every link, keyed by the sending rank; only this rank's are kept."""
-    control_timeout = datetime.timedelta(seconds=CONTROL_TIMEOUT_S)
-    links = {}
-    for sender in range(topology.world_size - 1):
-        pair = [sender, sender + 1]
-        via_host = placements[sender].shares_gpu_with(placements[sender + 1])
-        on_gpu = topology.device.type == "cuda" and not via_host
-        name = f"link {sender}->{sender + 1}"
-        control = _new_group(pair, "gloo", control_timeout, "host", f"the control plane of {name}")
-        payload = _new_group(
-            pair,
-            "nccl" if on_gpu else "gloo",
-            link_timeout,
-            "host" if via_host else "device",
-            f"the payload plane of {name}",
-        )
-        if control is None or payload is None:
-            continue  # this rank is not an end of the link
-        peer = sender + 1 if topology.rank == sender else sender
-        links[sender] = LinkPlanes(peer, control, payload, via_host)
-    return links
-
-
 def _warn_about_shared_gpus(topology: Topology) -> None:
-    """One line, from the sending end of each link whose two stages share a GPU."""
-    link = topology.outbound
-    if link is not None and link.via_host:
-        logger.warning(
-            "[stage %d] stages %d and %d share %s: their activations go through pinned host "
-            "memory over Gloo (NCCL refuses two ranks on one GPU)",
-            topology.stage,
-            topology.stage,
-            link.peer,
-            topology.device,
-        )
+    """One line, from the sending end of each link whose two ends share a GPU."""
+    for link in topology.outbound_links:
+        if link.via_host:
+            logger.warning(
+                "[%s] ranks %d and %d share %s: their activations go through pinned host "
+                "memory over Gloo (NCCL refuses two ranks on one GPU)",
+                topology.where,
+                topology.rank,
+                link.peer,
+                topology.device,
+            )
 
 
 def shutdown() -> None:

@@ -9,6 +9,7 @@ the meter and the finiteness guard stay on the device until the stage asks for t
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,6 +19,7 @@ from torch import Tensor, nn
 
 from trgl_dist.config import Config, default_lr
 from trgl_dist.method import LocalLoss, Multiplier, local_loss, tau_schedule
+from trgl_dist.metrics.spans import NullRecorder, Recorder
 from trgl_dist.network.modules import LocalModule, ModuleOutput
 
 LossFn = Callable[..., LocalLoss]
@@ -141,6 +143,18 @@ class ModuleLearner:
         self.meter = ModuleMeter()
         self.guard = FiniteGuard()
         self.steps = 0
+        # Gradients of ``accumulate`` batches make one optimizer step, each batch's weighed
+        # by ``grad_scale``; ``reduce`` (stage replicas) sums them across the replicas first.
+        self.accumulate = 1
+        self.grad_scale = 1.0
+        self.reduce: Callable[[ModuleLearner], None] | None = None
+        self.in_window = 0  # batches since the last optimizer step
+        # The epoch whose learning rate the next optimizer step takes: that of the last batch
+        # of its window, which a replica may not see itself (see StagePlan.window_epoch).
+        self.epoch = 0
+        self.spans: Recorder = NullRecorder()  # a timeline of its steps, with --trace
+        m = index + 1
+        self._span_names = (f"forward m{m}", f"backward m{m}", f"step m{m}")
 
     def forward(self, x: Tensor) -> ModuleOutput:
         """The module in training mode on ``x``, detached: nothing flows back upstream."""
@@ -158,23 +172,60 @@ class ModuleLearner:
             multiplier=self.multiplier.value if self.multiplier else 1.0,
             transport_norm=self.method.transport_norm,
             label_smoothing=self.method.label_smoothing,
+            grad_scale=self.grad_scale,
         )
 
     def apply(self, loss: LocalLoss, logits: Tensor, y: Tensor) -> None:
-        """Backward and optimizer step of ``loss``; counts the step and meters it."""
+        """Backward of ``loss``, and the optimizer step once a window of ``accumulate``
+        batches is complete; counts the batch and meters it."""
         self.guard.observe(loss.total, self.steps + 1)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.total.backward()
-        self.optimizer.step()
+        if self.in_window == 0:
+            self.optimizer.zero_grad(set_to_none=True)
+        scaled = loss.total if self.grad_scale == 1.0 else loss.total * self.grad_scale
+        with self.spans.span(self._span_names[1], "compute"):
+            scaled.backward()
+        self.in_window += 1
+        if self.in_window == self.accumulate:
+            self.update()
         if self.multiplier is not None:
             self.multiplier.update(loss.ce)
         self.steps += 1
         self.meter.add(loss, (logits.detach().argmax(1) == y).sum(), len(y))
 
+    def update(self) -> None:
+        """The optimizer step of the gradients gathered so far (summed across the stage's
+        replicas first, when it has several)."""
+        with self.spans.span(self._span_names[2], "compute"):
+            if self.reduce is not None:
+                with self.spans.span("all-reduce", "compute"):
+                    self.reduce(self)
+            self._schedule_to(self.epoch)
+            self.optimizer.step()
+        self.in_window = 0
+
+    def _schedule_to(self, epoch: int) -> None:
+        """Move the learning-rate schedule on to ``epoch`` (one step per epoch begun since);
+        e2e's learners share one schedule, which moves once."""
+        with warnings.catch_warnings():
+            # A resumed run's first step moves the schedule before its first optimizer
+            # step: torch warns, but the epoch did begin and the schedule must move on.
+            warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step", UserWarning)
+            while self.scheduler.last_epoch < epoch:
+                self.scheduler.step()
+
+    def sit_out_window(self) -> None:
+        """A replica without a batch in the run's last, partial window: it adds zero
+        gradients to the others' and steps with them, so every replica stays identical."""
+        for p in self.module.parameters():
+            p.grad = torch.zeros_like(p)
+        self.update()
+
     def train_step(self, x: Tensor, y: Tensor) -> Tensor:
         """Forward, local loss, backward, step. Returns the output computed before the update."""
-        out = self.forward(x)
-        self.apply(self.loss(out.logits, y, out.residues), out.logits, y)
+        with self.spans.span(self._span_names[0], "compute"):
+            out = self.forward(x)
+            loss = self.loss(out.logits, y, out.residues)
+        self.apply(loss, out.logits, y)
         return out.h.detach()
 
     @torch.no_grad()
@@ -260,6 +311,11 @@ def build_learners(
     tau = taus(config, len(modules))
     chosen = range(len(modules)) if indices is None else indices
     learners = [ModuleLearner(k, modules[k], config, tau[k], config.train.epochs) for k in chosen]
+    counts = config.train.accumulate
+    for learner in learners:
+        if counts:
+            learner.accumulate = counts[learner.index] if len(counts) > 1 else counts[0]
+            learner.grad_scale = 1.0 / learner.accumulate
     if config.train.regime == "e2e":
         share_optimizer(learners, config)
     return learners

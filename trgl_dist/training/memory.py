@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import resource
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import TypeVar
 
 import torch
 
 from trgl_dist.training.learner import ModuleLearner
 
 MIB = 2**20
+T = TypeVar("T")
 
 
 def state_bytes(learners: Sequence[ModuleLearner]) -> int:
@@ -52,3 +54,22 @@ def reset_cuda_peak(device: torch.device) -> None:
     """Start a new peak window (each epoch's peak is then its own)."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+
+
+def tracked_peak_mb(
+    run: Callable[[], T],
+    tracked: Sequence[torch.nn.Module | torch.optim.Optimizer | torch.Tensor],
+    device: torch.device,
+) -> tuple[T, float]:
+    """``run()``'s result and the peak MiB of tensors alive on ``device`` while it ran: those
+    it creates and the ``tracked`` modules' parameters, gradients and buffers, optimizers'
+    state and tensors, measured on the real tensors by torch's MemTracker."""
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    tracker = MemTracker()
+    tracker.track_external(*tracked)
+    with tracker:
+        out = run()
+    peak = tracker.get_tracker_snapshot("peak")
+    key = device if device.type != "cuda" or device.index is not None else torch.device("cuda", 0)
+    return out, peak.get(key, {}).get("Total", 0) / MIB

@@ -7,7 +7,8 @@ pipeline with FIFO buffers replays exactly the lock-step run.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
@@ -15,7 +16,7 @@ import torch
 from trgl_dist.config import Config, planned_epochs, scores_after
 from trgl_dist.data import EpochLoader, IndexedImages, loader_workers, steps_per_epoch
 from trgl_dist.training.items import Batch, Kind
-from trgl_dist.training.stage import StagePlan
+from trgl_dist.training.stageplan import StagePlan
 
 CPU = torch.device("cpu")
 
@@ -45,10 +46,14 @@ class DataFeed:
             test_set, 2 * d.batch_size, train=False, seed=seed, workers=workers, pin_memory=pin
         )
         self.steps_per_epoch = steps_per_epoch(train_set, d.batch_size)
+        self.test_batch_count = steps_per_epoch(test_set, 2 * d.batch_size)
 
-    def train_batches(self, epoch: int, skip: int = 0) -> Iterator[Any]:
-        """The training batches (x, y, ids) of ``epoch``, from batch ``skip`` on."""
-        return self.train.epoch(epoch, skip)
+    def train_batches(
+        self, epoch: int, skip: int = 0, keep: Callable[[int], bool] | None = None
+    ) -> Iterator[Any]:
+        """The training batches (x, y, ids) of ``epoch``, from batch ``skip`` on; with
+        ``keep``, only the batches k (0-based in the epoch) it takes."""
+        return self.train.epoch(epoch, skip, keep)
 
     def test_batches(self) -> Iterator[Any]:
         """The test (or validation) batches (x, y, ids), in a fixed order."""
@@ -63,35 +68,87 @@ def stage_plan(config: Config, feed: DataFeed, start_step: int = 0) -> StagePlan
         checkpoint_every=t.checkpoint_every,
         start_step=start_step,
         steps_per_epoch=feed.steps_per_epoch,
+        final_step=final_step(config, feed.steps_per_epoch),
     )
 
 
-def batch_stream(
-    config: Config, feed: DataFeed, start_step: int = 0
-) -> Iterator[tuple[Batch, float]]:
-    """(batch, seconds spent producing it). Step numbers count training batches from 1.
+@dataclass(frozen=True)
+class Slot:
+    """One item of the schedule before any data: its kind, step and epoch."""
 
-    ``start_step`` > 0 continues a resumed run at exactly the batch after that step.
+    kind: Kind
+    step: int
+    epoch: int
+
+
+def skeleton(
+    config: Config, steps_per_epoch: int, test_batches: int, start_step: int = 0
+) -> Iterator[Slot]:
+    """The schedule's items in order, without data: every rank can tell what comes next.
+
+    Each epoch's training steps (numbered from 1 across epochs), then its test pass (when
+    --eval-every asks for one; always after the last epoch), then END. ``start_step`` > 0
+    continues a resumed run at exactly the step after it.
     """
     t = config.train
     step = start_step
-    per_epoch = feed.steps_per_epoch
-    first_epoch, skip = divmod(start_step, per_epoch)
-    last_epoch = final_epoch(config, per_epoch)
+    first_epoch = start_step // steps_per_epoch
+    last_epoch = final_epoch(config, steps_per_epoch)
     epoch = first_epoch
     for epoch in range(first_epoch, last_epoch + 1):
         if 0 < t.max_steps <= step:  # resumed from the run's last step
             break
-        batches = feed.train_batches(epoch, skip if epoch == first_epoch else 0)
-        for (x, y, ids), waited in _timed(batches):
+        for _ in range(step - epoch * steps_per_epoch, steps_per_epoch):
             step += 1
-            yield Batch(Kind.TRAIN, step, epoch, x, y, ids), waited
+            yield Slot(Kind.TRAIN, step, epoch)
             if 0 < t.max_steps <= step:
                 break
         if scores_after(t, epoch, last_epoch):
-            for (x, y, ids), waited in _timed(feed.test_batches()):
-                yield Batch(Kind.EVAL, step, epoch, x, y, ids), waited
-    yield Batch(Kind.END, step, epoch, None, None, None), 0.0
+            for _ in range(test_batches):
+                yield Slot(Kind.EVAL, step, epoch)
+    yield Slot(Kind.END, step, epoch)
+
+
+def batch_stream(
+    config: Config, feed: DataFeed, start_step: int = 0, replica: int = 0, replicas: int = 1
+) -> Iterator[tuple[Batch, float]]:
+    """(batch, seconds spent producing it): the schedule with its data.
+
+    A stage with ``replicas`` replicas shares the training batches: replica i draws (and
+    loads) only the steps s with (s - 1) mod replicas = i; the test pass is replica 0's.
+    """
+    per_epoch = feed.steps_per_epoch
+    train: Iterator[Any] = iter(())
+    test: Iterator[Any] = iter(())
+    epoch = previous = -1
+    for slot in skeleton(config, per_epoch, feed.test_batch_count, start_step):
+        if slot.kind == Kind.END:
+            yield Batch(Kind.END, slot.step, slot.epoch, None, None, None), 0.0
+            return
+        if slot.kind == Kind.EVAL:
+            if replica != 0:
+                continue
+            if previous != Kind.EVAL:
+                test = feed.test_batches()
+            source = test
+        else:
+            if (slot.step - 1) % replicas != replica:
+                previous = slot.kind
+                continue
+            if slot.epoch != epoch:
+                epoch = slot.epoch
+                base = epoch * per_epoch
+
+                def mine(k: int, base: int = base) -> bool:
+                    return (base + k) % replicas == replica
+
+                skip = start_step - base if start_step > base else 0
+                train = feed.train_batches(epoch, skip, mine if replicas > 1 else None)
+            source = train
+        previous = slot.kind
+        started = time.perf_counter()
+        x, y, ids = next(source)
+        yield Batch(slot.kind, slot.step, slot.epoch, x, y, ids), time.perf_counter() - started
 
 
 def final_epoch(config: Config, per_epoch: int) -> int:
@@ -102,14 +159,10 @@ def final_epoch(config: Config, per_epoch: int) -> int:
     return last
 
 
-def _timed(items: Iterator[Any]) -> Iterator[tuple[Any, float]]:
-    while True:
-        started = time.perf_counter()
-        try:
-            item = next(items)
-        except StopIteration:
-            return
-        yield item, time.perf_counter() - started
+def final_step(config: Config, per_epoch: int) -> int:
+    """The run's last training step: the planned epochs', or --max-steps if sooner."""
+    last = planned_epochs(config.train, per_epoch) * per_epoch
+    return min(last, config.train.max_steps) if config.train.max_steps else last
 
 
 def inbox_stream(inbox: Inbox) -> Iterator[tuple[Batch, float]]:

@@ -22,16 +22,16 @@ log = logging.getLogger(__name__)
 SaveCheckpoint = Callable[[int, dict[str, Any]], None]
 
 
-def run_meta(
-    config: Config, counts: Sequence[int], spec: InputSpec, stages: int
-) -> dict[str, Any]:
-    """What a checkpoint must agree on with the run that resumes it (and what export reads)."""
+def run_meta(config: Config, counts: Sequence[int], spec: InputSpec) -> dict[str, Any]:
+    """What a checkpoint must agree on with the run that resumes it (and what export reads):
+    the model and its split into modules, not the layout of ranks that ran it. The pipeline
+    is the `parallel` regime spread over processes: either resumes the other's checkpoint."""
+    regime = config.train.regime
     return {
         "model": config.model.name,
         "modules": config.model.modules,
         "blocks_per_module": list(counts),
-        "regime": config.train.regime,
-        "stages": stages,
+        "regime": "parallel" if regime == "pipeline" else regime,
         "dataset": config.data.dataset,
         "input": [spec.channels, spec.size, spec.size],
         "num_classes": spec.num_classes,
@@ -46,25 +46,29 @@ def device_of(learners: Sequence[ModuleLearner]) -> torch.device:
     return torch.device("cpu")
 
 
-def stage_state(learners: Sequence[ModuleLearner], step: int, position: dict[str, Any]) -> dict:
-    return {
-        "learners": {str(learner.index): learner.state_dict() for learner in learners},
-        "rng": ckpt.rng_state(device_of(learners)),
-        "step": step,
-        "position": position,
-    }
+def save_modules(
+    run_dir: Path, step: int, learners: Sequence[ModuleLearner], position: dict[str, Any]
+) -> list[int]:
+    """One file per module of ``learners``, each with the writer's RNG and the run's position;
+    returns the modules written."""
+    rng = ckpt.rng_state(device_of(learners))
+    for learner in learners:
+        state = {"learner": learner.state_dict(), "rng": rng, "step": step, "position": position}
+        ckpt.save_module(run_dir, step, learner.index, state)
+    return [learner.index for learner in learners]
 
 
 def single_process_saver(
     run_dir: Path, learners: Sequence[ModuleLearner], meta: dict[str, Any], keep: int
 ) -> SaveCheckpoint:
-    """save(step, position) for the one-process regimes: the stage file, then the manifest."""
+    """save(step, position) for the one-process regimes: every module's file, then the
+    manifest."""
     saved: set[int] = set()
 
     def save(step: int, position: dict[str, Any]) -> None:
         if step in saved:
             return
-        ckpt.save_stage(run_dir, step, 0, stage_state(learners, step, position))
+        save_modules(run_dir, step, learners, position)
         layout.write_manifest(run_dir, step, {**meta, "position": position}, keep)
         saved.add(step)
 
@@ -82,12 +86,12 @@ def restore(
     run_dir: Path,
     learners: Sequence[ModuleLearner],
     meta: dict[str, Any],
-    stage: int,
     step: int | None = None,
 ) -> tuple[int, dict[str, Any]]:
-    """Load this stage's part of a complete checkpoint (the newest, or ``step``) into
-    ``learners``; returns (step, position). Any mismatch raises CheckpointError with one
-    line; an unreadable file names the newest older checkpoint whose file is intact."""
+    """Load the modules of ``learners`` from a complete checkpoint (the newest, or ``step``),
+    whatever layout of ranks wrote it; returns (step, position). Any mismatch raises
+    CheckpointError with one line; an unreadable file names the newest older checkpoint whose
+    files of these modules are intact."""
     complete = layout.complete_steps(run_dir)
     if not complete:
         raise CheckpointError(f"{run_dir}: no complete checkpoint to resume from")
@@ -99,32 +103,36 @@ def restore(
             f"(complete: {', '.join(map(str, complete))})"
         )
     layout.check_compatible(layout.read_manifest(run_dir, step), meta)
-    try:
-        state = ckpt.load_stage(run_dir, step, stage)
-    except CheckpointError as err:
-        raise CheckpointError(f"{err}{_older_intact(run_dir, complete, step, stage)}") from None
+    states = []
     for learner in learners:
-        saved = state["learners"].get(str(learner.index))
-        if saved is None:
-            raise CheckpointError(f"checkpoint step {step} has no module {learner.index + 1}")
         try:
-            learner.load_state_dict(saved)
+            states.append(ckpt.load_module(run_dir, step, learner.index))
+        except CheckpointError as err:
+            hint = _older_intact(run_dir, complete, step, learners)
+            raise CheckpointError(f"{err}{hint}") from None
+    for learner, state in zip(learners, states, strict=True):
+        try:
+            learner.load_state_dict(state["learner"])
         except (RuntimeError, KeyError, ValueError) as err:
             raise CheckpointError(
                 f"checkpoint step {step}, module {learner.index + 1}: "
                 f"does not fit ({first_line(err)})"
             ) from None
-    ckpt.restore_rng(state["rng"], device_of(learners))
+    if states:
+        ckpt.restore_rng(states[0]["rng"], device_of(learners))
     log.info("resuming from checkpoint step %d", step)
-    return step, dict(state.get("position", {}))
+    return step, dict(states[0].get("position", {})) if states else {}
 
 
-def _older_intact(run_dir: Path, complete: Sequence[int], step: int, stage: int) -> str:
-    """"; ... resume from step K" for the newest older checkpoint whose file of ``stage``
-    loads, or "" when there is none."""
+def _older_intact(
+    run_dir: Path, complete: Sequence[int], step: int, learners: Sequence[ModuleLearner]
+) -> str:
+    """"; ... resume from step K" for the newest older checkpoint whose files of these
+    modules load, or "" when there is none."""
     for older in reversed([s for s in complete if s < step]):
         try:
-            ckpt.load_stage(run_dir, older, stage)
+            for learner in learners:
+                ckpt.load_module(run_dir, older, learner.index)
         except CheckpointError:
             continue
         return (

@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
-import warnings
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
@@ -23,6 +21,7 @@ from trgl_dist.metrics.records import (
     StageRecord,
     TrainRecord,
 )
+from trgl_dist.metrics.spans import NullRecorder, Recorder
 from trgl_dist.training.items import Batch, Kind
 from trgl_dist.training.learner import ModuleLearner, Trainer, chain
 from trgl_dist.training.memory import (
@@ -31,13 +30,19 @@ from trgl_dist.training.memory import (
     peak_rss_mb,
     reset_cuda_peak,
     state_bytes,
+    tracked_peak_mb,
 )
+from trgl_dist.training.stageplan import StageClock, StagePlan
 from trgl_dist.training.timing import Timer, timer_for
 
 log = logging.getLogger(__name__)
 Send = Callable[[Record], Any]
 SaveStage = Callable[[int, int], None]  # (step, epoch): write this stage's checkpoint of that step
 STAGE_RECORD_SECONDS = 2.0
+#: Training batches a stage computes before its step time is measured (the pipeline fills)
+#: and the batch whose step peak memory is measured (buffers in their steady state).
+WARMUP_BATCHES = 5
+PROBE_BATCH = 10
 FORWARDED_MEMORY = 1024  # far more than any buffer holds, so a replayed step is always known
 
 
@@ -52,21 +57,13 @@ class Buffer(Protocol):
     def stats(self) -> dict[str, Any]: ...
 
 
-def stage_modules(num_modules: int, world_size: int, stage: int) -> range:
-    """The contiguous modules of a stage; earlier stages take the remainder."""
-    if world_size > num_modules:
-        raise ValueError(
-            f"more ranks ({world_size}) than modules ({num_modules}): "
-            f"use --modules {world_size} or more, or fewer processes"
-        )
-    base, extra = divmod(num_modules, world_size)
-    start = stage * base + min(stage, extra)
-    return range(start, start + base + (1 if stage < extra else 0))
-
-
 def _on(device: torch.device, t: torch.Tensor) -> torch.Tensor:
     """``t`` on ``device``; from pinned memory the copy does not block the host."""
     return t.to(device, non_blocking=True)
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
 
 
 def score_batch(
@@ -85,27 +82,6 @@ def score_batch(
             tally.add(list(scored).index(i), correct, loss)
     tally.samples += len(y)
     return h
-
-
-@dataclass(frozen=True)
-class StagePlan:
-    """When a stage reports and saves, and where a resumed one starts."""
-
-    log_every: int = 20  # a train record per module every this many steps
-    checkpoint_every: int = 0  # steps; 0: only at each epoch's end
-    start_step: int = 0  # resumed: the checkpoint's step
-    steps_per_epoch: int = 1
-
-
-@dataclass
-class StageClock:
-    """Host time waiting for input and to pass output on (busy time is the timer's)."""
-
-    wait_in: float = 0.0
-    wait_out: float = 0.0
-    samples: int = 0
-    bytes_sent: int = 0
-    started: float = field(default_factory=time.perf_counter)
 
 
 class StageWorker:
@@ -135,6 +111,7 @@ class StageWorker:
         inbox: Buffer | None = None,
         links: Sequence[Any] = (),
         save: SaveStage | None = None,
+        spans: Recorder | None = None,
     ):
         self.stage, self.learners, self.source, self.outbox = stage, list(learners), source, outbox
         self.send, self.plan, self.device, self.inbox = send, plan, device, inbox
@@ -144,6 +121,7 @@ class StageWorker:
         self.scored = list(range(len(self.learners)) if scored is None else scored)
         self.links = links  # the Receiver/Sender threads, for their transfer statistics
         self.save = save
+        self.spans = spans or NullRecorder()
         self.saved_step = plan.start_step
         self.clock = StageClock()
         self.tally = self._new_tally(-1)
@@ -151,13 +129,21 @@ class StageWorker:
         # A resumed stage continues inside the epoch of its checkpoint's last step.
         self.last_epoch = max(plan.start_step - 1, 0) // plan.steps_per_epoch
         self.epoch_started = time.perf_counter()
-        self.step = plan.start_step
+        self.step = plan.start_step  # the step the modules' state is at
+        self.trained = 0  # training batches this stage (replica) trained on
+        self.speaks = plan.replica == 0  # replica 0 reports the stage's modules and saves them
         self.peak_buffer_bytes = 0
+        self.step_timer = timer_for(device)  # the training steps' compute, after warm-up
+        self.timed_steps = 0
+        self.step_peak_mb: float | None = None
         self._next_record = time.perf_counter() + STAGE_RECORD_SECONDS
 
     def run(self) -> None:
         for batch, waited in self.source:
             self.clock.wait_in += waited
+            if waited > 0:
+                now = time.time_ns()
+                self.spans.add("wait for input", "compute", now - int(waited * 1e9), now)
             if batch.kind == Kind.END:
                 self._flush_eval()
                 self._finish(batch)
@@ -165,7 +151,12 @@ class StageWorker:
             if batch.kind != Kind.EVAL:
                 self._flush_eval()
             token = self.timer.start()
-            out = self._train(batch) if batch.kind == Kind.TRAIN else self._score(batch)
+            if batch.kind == Kind.TRAIN:
+                with self.spans.span(f"train batch {batch.step}", "compute"):
+                    out = self._train(batch)
+            else:
+                with self.spans.span("eval", "compute", step=batch.step):
+                    out = self._score(batch)
             self.timer.stop(token)
             if out is not None:
                 self._pass_on(out)
@@ -179,13 +170,17 @@ class StageWorker:
             self._epoch_done()
             self.last_epoch = batch.epoch
         x, y = _on(self.device, batch.x), _on(self.device, batch.y)
-        h = self.trainer(x, y)
         for learner in self.learners:
-            if learner.meter.steps and learner.steps % self.plan.log_every == 0:
+            learner.epoch = self.plan.window_epoch(batch.step)
+        h = self._timed_step(x, y, batch)
+        self.trained += 1
+        self.step = self.plan.state_step(batch.step)
+        for learner in self.learners:
+            learner.steps = batch.step  # the global step (a replica sees one in R)
+            if self.trained % self.plan.log_every == 0:
                 self._record_train(learner)
         self.clock.samples += len(batch.y)
-        self.step = batch.step
-        if self.plan.checkpoint_every and batch.step % self.plan.checkpoint_every == 0:
+        if self.plan.checkpoint_every and self.step % self.plan.checkpoint_every == 0:
             self._checkpoint()
         if batch.step in self.forwarded:
             return None  # a replayed batch: downstream already has it
@@ -193,6 +188,30 @@ class StageWorker:
         if len(self.forwarded) > FORWARDED_MEMORY:
             self.forwarded.discard(min(self.forwarded))
         return Batch(Kind.TRAIN, batch.step, batch.epoch, h, batch.y, batch.ids)
+
+    def _timed_step(self, x: torch.Tensor, y: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """The trainer on one batch; its compute timed once the pipeline has filled, and
+        at PROBE_BATCH its peak memory measured, with the batches queued around it."""
+        if self.trained + 1 == PROBE_BATCH and self.plan.probe_memory:
+            tracked: list[torch.nn.Module | torch.optim.Optimizer | torch.Tensor] = [x, y]
+            for learner in self.learners:
+                tracked += [learner.module, learner.optimizer]
+            h, peak = tracked_peak_mb(lambda: self.trainer(x, y), tracked, self.device)
+            activations = _nbytes(h) - _nbytes(x)  # the output replaces the input in a batch
+            queued = sum(
+                box.depth * (batch.nbytes() + (activations if box is self.outbox else 0))
+                for box in (self.inbox, self.outbox)
+                if box is not None
+            )
+            self.step_peak_mb = peak + queued / MIB
+            return h
+        if self.trained < WARMUP_BATCHES:
+            return self.trainer(x, y)
+        token = self.step_timer.start()
+        h = self.trainer(x, y)
+        self.step_timer.stop(token)
+        self.timed_steps += 1
+        return h
 
     def _score(self, batch: Batch) -> Batch:
         assert batch.x is not None and batch.y is not None
@@ -203,14 +222,21 @@ class StageWorker:
         h = score_batch(self.learners, self.scored, self.tally, x, y)
         return Batch(Kind.EVAL, batch.step, batch.epoch, h, batch.y, batch.ids)
 
-    def _checkpoint(self) -> None:
+    def _checkpoint(self, final: bool = False) -> None:
         """Save the state after this stage's last train step (once per step). Every stage
-        saves the same step numbers, so the files form a consistent cut of the pipeline.
-        A module whose loss went NaN or inf stops the stage before anything is written."""
-        if self.save is None or self.step == self.saved_step:
+        saves the same step numbers, so the files form a consistent cut of the pipeline:
+        steps where every stage's replicas have stepped together and no accumulation window
+        is open (and the run's end). A module whose loss went NaN or inf stops the stage
+        before anything is written."""
+        if self.save is None or self.step == self.saved_step or not self.speaks:
+            return
+        if any(learner.in_window for learner in self.learners):
+            return
+        if not final and self.step % self.plan.period:
             return
         self._check_finite()
-        self.save(self.step, self.last_epoch)
+        with self.spans.span("checkpoint", "compute", step=self.step):
+            self.save(self.step, self.last_epoch)
         self.saved_step = self.step
 
     def _check_finite(self) -> None:
@@ -221,7 +247,11 @@ class StageWorker:
         if self.outbox is None:
             return
         self.peak_buffer_bytes = max(self.peak_buffer_bytes, self._buffered() * batch.nbytes())
-        self.clock.wait_out += self.outbox.put(batch)
+        blocked = self.outbox.put(batch)
+        self.clock.wait_out += blocked
+        if blocked > 0:
+            now = time.time_ns()
+            self.spans.add("blocked on outbox", "compute", now - int(blocked * 1e9), now)
         self.clock.bytes_sent += batch.nbytes()
 
     def _buffered(self) -> int:
@@ -235,7 +265,7 @@ class StageWorker:
         """The test pass of an epoch is complete once anything else arrives."""
         if self.tally.samples == 0:
             return
-        steps = [self.learners[i].steps for i in self.scored]
+        steps = [self.step for _ in self.scored]
         for rec in self.tally.records(steps, self.stage):
             self.send(rec)
         self.tally = self._new_tally(-1)
@@ -245,15 +275,7 @@ class StageWorker:
             self._record_train(learner)
         self.send(StageRecord(**self.totals()))  # with this epoch's CUDA peak, before reset
         reset_cuda_peak(self.device)
-        # Once per schedule: e2e's modules share one optimizer and its schedule.
-        schedules = {id(lr.scheduler): lr.scheduler for lr in self.learners}
-        with warnings.catch_warnings():
-            # A resumed run's first epoch boundary comes before its first optimizer step:
-            # torch warns, but the epoch did end and the schedule must move on.
-            warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step", UserWarning)
-            for schedule in schedules.values():
-                schedule.step()
-        if self.stage == 0:
+        if self.stage == 0 and self.speaks:
             now = time.perf_counter()
             self.send(
                 EpochRecord(
@@ -264,7 +286,7 @@ class StageWorker:
 
     def _record_train(self, learner: ModuleLearner) -> None:
         learner.guard.check(learner.index)
-        if learner.meter.steps == 0:
+        if learner.meter.steps == 0 or not self.speaks:
             return
         self.send(
             TrainRecord(
@@ -282,12 +304,31 @@ class StageWorker:
             self._next_record = time.perf_counter() + STAGE_RECORD_SECONDS
 
     def _finish(self, end: Batch) -> None:
-        self._checkpoint()
+        self._close_windows(end.step)
+        self._checkpoint(final=True)
         self._epoch_done()
         self.timer.settle()
+        self.step_timer.settle()
         if self.outbox is not None:
             self.clock.wait_out += self.outbox.put(end)
+        self.spans.flush()  # on disk before the end record: the coordinator then merges
         self.send(EndRecord(**self.totals()))
+
+    def _close_windows(self, last_step: int) -> None:
+        """At the end of the run: an accumulation window still open is stepped with what it
+        has; a replica without a batch in the last, partial window joins its replicas' last
+        gradient sum with zeros. Every replica then holds the same modules, at the last step."""
+        for learner in self.learners:
+            learner.epoch = self.plan.epoch_of(last_step)
+        r = self.plan.replicas
+        if r > 1 and last_step > self.plan.start_step and last_step % r:
+            if self.plan.replica >= last_step % r:
+                for learner in self.learners:
+                    learner.sit_out_window()
+            self.step = last_step
+        for learner in self.learners:
+            if learner.in_window:
+                learner.update()
 
     def _shares(self, elapsed: float) -> tuple[float, float, float]:
         """(busy, waiting for input, waiting for output) seconds. On GPU busy is device time
@@ -314,6 +355,7 @@ class StageWorker:
             "epoch": self.last_epoch,
             "stage": self.stage,
             "rank": self.rank,
+            "replica": self.plan.replica,
             "modules": tuple(learner.index for learner in self.learners),
             "busy_s": busy,
             "wait_in_s": wait_in,
@@ -326,5 +368,9 @@ class StageWorker:
             "peak_rss_mb": peak_rss_mb(),
             "peak_tensor_mb": (state_bytes(self.learners) + self.peak_buffer_bytes) / MIB,
             "cuda_peak_mb": cuda_peak_mb(self.device),
+            "step_ms": 1000 * self.step_timer.busy_s() / self.timed_steps
+            if self.timed_steps
+            else None,
+            "step_peak_mb": self.step_peak_mb,
             **link_stats,
         }
