@@ -1,4 +1,14 @@
-"""From a pipeline run directory to its numbers: steady samples/s, stage fractions, transport."""
+"""From a pipeline run directory to its numbers: steady samples/s, stage fractions, transport.
+
+Every rate and per-step time here is taken over a stage's **steady window**: between two of
+its own cumulative records in `metrics.jsonl`, the first periodic `stage` record (about 2 s
+in, after start-up and the pipeline's fill) and the last periodic one written before the
+stage had trained its last batch (fewer samples than its `end` record). The run's only
+test pass (`--eval-every 0`, one small synthetic test batch) and its checkpoint come after
+the last training batch, so neither is in the window. A run too short to hold two such
+records falls back to the stage's whole life (start-up, fill, test pass and checkpoint
+included), and says so.
+"""
 
 from __future__ import annotations
 
@@ -6,67 +16,87 @@ import json
 from pathlib import Path
 from typing import Any
 
-from trgl_dist.metrics.records import EndRecord, Record, StageRecord, read_records
+from windows import stage_window
+
+from trgl_dist.metrics.records import EndRecord, Record, read_records
 from trgl_dist.rundir import METRICS_FILE, SUMMARY_FILE
 
 
-def _elapsed(record: StageRecord) -> float:
-    """A stage record's seconds since the stage started (it carries samples and their rate)."""
-    rate = record.samples_per_s
-    return record.samples / rate if rate > 0 else 0.0
-
-
 def steady_rate(records: list[Record], stage: int) -> tuple[float, str]:
-    """The last stage's samples/s after its first periodic record (start-up and fill
-    excluded), or over its whole life when the run was too short to hold one."""
-    mine = [r for r in records if isinstance(r, StageRecord) and r.stage == stage]
-    end = [r for r in mine if isinstance(r, EndRecord)][-1]
-    first = next((r for r in mine if type(r) is StageRecord and r.samples > 0), None)
-    if first is not None and end.samples > first.samples:
-        seconds = _elapsed(end) - _elapsed(first)
-        return (end.samples - first.samples) / seconds, "steady (after first stage record)"
-    return float(end.samples_per_s), "whole stage life (fill included)"
+    """The stage's samples/s over its steady window."""
+    window = stage_window(records, stage)
+    return window.samples / window.seconds, window.how
 
 
 def stage_rows(records: list[Record], summary: dict[str, Any], batch: int) -> list[dict]:
-    """Per stage: busy/wait fractions, send seconds per batch, transport/compute."""
+    """Per stage, over its steady window: busy seconds per step (the in-run step time),
+    busy/wait fractions, send seconds per batch, transport/compute."""
     ends = {r.stage: r for r in records if isinstance(r, EndRecord)}
     rows = []
     for stage in summary["stages"]:
-        end = ends[stage["stage"]]
-        steps = max(end.samples / batch, 1.0)
-        compute = end.busy_s / steps
-        sent = end.batches_sent
-        send = end.seconds_sending / sent if sent else None
+        s = stage["stage"]
+        window = stage_window(records, s)
+        steps = max(window.samples / batch, 1.0)
+        compute = window.delta("busy_s") / steps
+        sent = window.delta("batches_sent")
+        send = window.delta("seconds_sending") / sent if sent else None
+        seconds = window.seconds
+        end = ends[s]
+        life_steps = max(end.samples / batch, 1.0)
         rows.append(
             {
-                "stage": stage["stage"],
-                "busy": stage["busy"],
-                "wait_in": stage["wait_in"],
-                "wait_out": stage["wait_out"],
+                "stage": s,
+                "busy": window.delta("busy_s") / seconds,
+                "wait_in": window.delta("wait_in_s") / seconds,
+                "wait_out": window.delta("wait_out_s") / seconds,
                 "compute_s_per_step": compute,
+                # The former figure: busy seconds of the whole life (warm-up, test pass and
+                # checkpoint included) over the training steps.
+                "compute_s_per_step_life": end.busy_s / life_steps,
                 "send_s_per_batch": send,
                 "transport_over_compute": send / compute if send is not None else None,
-                "bytes_per_batch": end.bytes_sent / sent if sent else None,
+                "bytes_per_batch": end.bytes_sent / end.batches_sent if end.batches_sent else None,
+                "window": window.describe(batch),
+                # Whole life, as summary.json has them.
+                "busy_life": stage["busy"],
+                "wait_in_life": stage["wait_in"],
+                "wait_out_life": stage["wait_out"],
             }
         )
     return rows
 
 
-def pipeline_numbers(run_dir: Path, batch: int, stage_step_s: list[float]) -> dict[str, Any]:
-    """Everything (c) reports, with efficiency against the slowest standalone stage."""
+def pipeline_numbers(
+    run_dir: Path, batch: int, alone: list[dict[str, Any]], corun: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """Everything (c) reports, with its efficiency against the slowest stage alone and
+    against the slowest stage co-run; ``alone``/``corun``: per stage, the standalone
+    summaries (``median_s``, ``min_s``, ``max_s``, ``repeats_s``)."""
     summary = json.loads((run_dir / SUMMARY_FILE).read_text())
     records = read_records(run_dir / METRICS_FILE)
     last = max(s["stage"] for s in summary["stages"])
     rate, how = steady_rate(records, last)
-    bound = batch / max(stage_step_s)
+    alone_s = [a["median_s"] for a in alone]
+    corun_s = [c["median_s"] for c in corun]
+    bound = batch / max(alone_s)
+    corun_bound = batch / max(corun_s)
+    rows = sorted(stage_rows(records, summary, batch), key=lambda row: row["stage"])
+    for row in rows:
+        a, c = alone[row["stage"]], corun[row["stage"]]
+        row["alone"], row["corun"] = a, c
+        row["corun_over_alone"] = c["median_s"] / a["median_s"]
+        row["inrun_over_corun"] = row["compute_s_per_step"] / c["median_s"]
+        row["inrun_over_alone"] = row["compute_s_per_step"] / a["median_s"]
     return {
         "samples_per_s": rate,
         "measured": how,
         "summary_samples_per_s": summary["samples_per_s"],
         "blocks_per_module": summary.get("blocks_per_module"),
-        "stage_step_s": stage_step_s,
+        "stage_step_s": alone_s,
+        "corun_step_s": corun_s,
         "bound_samples_per_s": bound,
         "efficiency": rate / bound,
-        "stages": stage_rows(records, summary, batch),
+        "corun_bound_samples_per_s": corun_bound,
+        "efficiency_corun": rate / corun_bound,
+        "stages": rows,
     }

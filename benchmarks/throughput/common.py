@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import resource
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -34,13 +36,15 @@ class Setting:
     seed: int = 0
 
     def flags(self) -> list[str]:
-        """The trgl_dist.train flags of this setting (synthetic data, one small test batch)."""
+        """The trgl_dist.train flags of this setting: synthetic data, one epoch of ``steps``
+        steps, one test pass after it (``--eval-every 0``) of one small batch, one train
+        record per module at the end."""
         flags = [
             "--model", self.model, "--modules", str(self.modules), "--dataset", "synthetic",
             "--batch-size", str(self.batch_size), "--max-steps", str(self.steps),
             "--seed", str(self.seed), "--synthetic-train", str(self.train_samples()),
             "--synthetic-test", str(self.batch_size), "--log-every", str(self.steps),
-            "--width", str(self.width),
+            "--width", str(self.width), "--eval-every", "0",
         ]  # fmt: skip
         if self.split_counts:
             flags += ["--split-counts", ",".join(map(str, self.split_counts))]
@@ -107,6 +111,79 @@ def timed_steps(step: Trainer, data: Iterator, setting: Setting) -> dict:
     return {"samples_per_s": samples / seconds, "timed_steps": setting.steps - setting.warmup}
 
 
+class MachineLoad:
+    """How busy the machine was with other work while a benchmark ran: the CPU seconds every
+    process used (``/proc/stat``) minus this process's and its waited-for descendants'
+    (``getrusage``), and the hypervisor's steal time."""
+
+    def __init__(self) -> None:
+        self.started = time.monotonic()
+        self.busy, self.steal = _cpu_busy()
+        self.own = _own_cpu()
+
+    def result(self) -> dict[str, float]:
+        busy, steal = _cpu_busy()
+        seconds = time.monotonic() - self.started
+        cores = os.cpu_count() or 1
+        others = max(busy - self.busy - (_own_cpu() - self.own), 0.0)
+        return {
+            "seconds": seconds,
+            "other_cpu_s": others,
+            "other_share": others / (seconds * cores) if seconds > 0 else 0.0,
+            "steal_s": steal - self.steal,
+            "loadavg_end": os.getloadavg()[0],
+        }
+
+
+def _cpu_busy() -> tuple[float, float]:
+    """(busy, steal) CPU seconds of the whole machine since boot."""
+    try:
+        with open("/proc/stat") as stat:
+            fields = [int(v) for v in stat.readline().split()[1:]]
+    except OSError:
+        return 0.0, 0.0
+    tick = os.sysconf("SC_CLK_TCK")
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
+    return (user + nice + system + irq + softirq) / tick, steal / tick
+
+
+def _own_cpu() -> float:
+    total = 0.0
+    for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN):
+        usage = resource.getrusage(who)
+        total += usage.ru_utime + usage.ru_stime
+    return total
+
+
 def write_json(path: Path, data: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def measure_and_write(
+    args: argparse.Namespace,
+    name: str,
+    measure: Callable[[argparse.Namespace], dict[str, Any]],
+    markdown: Callable[[dict[str, Any]], str],
+    readme: Path,
+) -> Path:
+    """Measure (or, with ``args.render``, reread ``args.results/NAME.json``), write NAME.json
+    and NAME.md into ``args.results``, and, when that is the folder's own results/, the
+    README's block between its ``NAME`` markers. Returns the markdown's path."""
+    from benchenv import splice_readme  # benchmarks/ is on the path of the scripts only
+
+    path = args.results / f"{name}.json"
+    if args.render:
+        result = json.loads(path.read_text())
+    else:
+        started, load = time.perf_counter(), MachineLoad()
+        result = measure(args)
+        result["seconds"] = time.perf_counter() - started
+        result["machine_load"] = load.result()
+        write_json(path, result)
+    table = markdown(result)
+    out = args.results / f"{name}.md"
+    out.write_text(table.rstrip() + "\n")
+    if args.results.resolve() == (readme.parent / "results").resolve():
+        splice_readme(readme, table, f"<!-- {name}:begin -->", f"<!-- {name}:end -->")
+    return out

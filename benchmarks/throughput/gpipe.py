@@ -25,7 +25,7 @@ from common import Setting, batches, build, setting_argument, write_json  # noqa
 
 from trgl_dist.network.modules import LocalModule  # noqa: E402
 from trgl_dist.training.learner import build_optimizer  # noqa: E402
-from trgl_dist.training.stage import stage_modules  # noqa: E402
+from trgl_dist.training.stageplan import stage_modules  # noqa: E402
 
 log = logging.getLogger("throughput.gpipe")
 SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}

@@ -1,4 +1,4 @@
-"""In-process timings: E2E, the lock-step `parallel` regime, and each stage's standalone step."""
+"""In-process timings: E2E and the lock-step `parallel` regime (stages: standalone.py)."""
 
 from __future__ import annotations
 
@@ -9,19 +9,14 @@ import sys
 from pathlib import Path
 
 import torch
-from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import Setting, batches, build, timed_steps, write_json  # noqa: E402
 
-from trgl_dist.network.split import median_seconds  # noqa: E402
-from trgl_dist.training.learner import Trainer, build_learners, chain, end_to_end  # noqa: E402
-from trgl_dist.training.stage import stage_modules  # noqa: E402
+from trgl_dist.training.learner import build_learners, chain, end_to_end  # noqa: E402
 
 log = logging.getLogger("throughput.local")
-STAGE_WARMUP = 2
-STAGE_REPEATS = 5
 
 
 def run_e2e(setting: Setting) -> dict:
@@ -40,40 +35,11 @@ def run_parallel(setting: Setting) -> dict:
     return timed_steps(step, batches(config, train_set), setting)
 
 
-def run_stages(setting: Setting, stages: int) -> dict:
-    """Median train-step seconds of each stage's modules alone, on that stage's real input
-    (``median_seconds`` of the package's equal-time profile, after STAGE_WARMUP steps)."""
-    config, modules, train_set = build(setting, "parallel")
-    learners = build_learners(config, modules)
-    x, y = next(batches(config, train_set))
-    seconds = []
-    for stage in range(stages):
-        mine = [learners[k] for k in stage_modules(len(learners), stages, stage)]
-        with torch.no_grad():  # this stage's input: the earlier modules' output
-            h = x
-            for learner in learners[: mine[0].index]:
-                h, _ = learner.module.features(h)
-        train = chain(mine)
-
-        def step(h: Tensor = h, train: Trainer = train) -> None:
-            train(h, y)
-
-        for _ in range(STAGE_WARMUP - 1):  # median_seconds warms up once more
-            step()
-        seconds.append(median_seconds(step, STAGE_REPEATS))
-    return {"stage_step_s": seconds}
-
-
 def run_job(job: dict) -> dict:
-    """One timing: {"mode": e2e|parallel|stages, "threads": n, "stages": K, "setting": {...}}."""
+    """One timing: {"mode": e2e|parallel, "threads": n, "setting": {...}}."""
     setting = Setting.from_json(json.dumps(job["setting"]))
     torch.set_num_threads(job.get("threads", 1))
-    if job["mode"] == "e2e":
-        result = run_e2e(setting)
-    elif job["mode"] == "parallel":
-        result = run_parallel(setting)
-    else:
-        result = run_stages(setting, job["stages"])
+    result = run_e2e(setting) if job["mode"] == "e2e" else run_parallel(setting)
     result["threads"] = job.get("threads", 1)
     log.info("%s: %s", job["name"], result)
     return result

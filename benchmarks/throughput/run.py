@@ -5,15 +5,14 @@ Experiments, all on one model, batch size and number of steps (synthetic data):
   (b) parallel   the lock-step `parallel` regime in one process
   (c) pipeline   `torchrun -m trgl_dist.train`, one stage per rank, equal-depth and equal-time
   (d) pipelining the same stages E2E under torch.distributed.pipelining (GPipe, 1F1B)
-plus each stage's standalone step time (the efficiency bound) and the equal-time profile.
-Writes results/<name>.json and results/<name>.md.
+plus each stage's standalone step time, alone and co-run (the efficiency bounds; see
+standalone.py), and the equal-time profile. Writes results/<name>.json and results/<name>.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 import os
 import sys
@@ -26,9 +25,9 @@ HERE = Path(__file__).resolve().parent
 # This folder, the repo root (trgl_dist without installing it) and benchmarks/ (benchenv).
 sys.path[:0] = [str(HERE), str(HERE.parents[1]), str(HERE.parent)]
 
+import standalone  # noqa: E402
 from analysis import pipeline_numbers  # noqa: E402
-from benchenv import splice_readme  # noqa: E402
-from common import Setting, config_of, write_json  # noqa: E402
+from common import Setting, config_of, measure_and_write  # noqa: E402
 from tables import environment_info, markdown  # noqa: E402
 
 import launch  # noqa: E402
@@ -37,13 +36,20 @@ from trgl_dist.network.split import balanced_partition, equal_depth, profile_tim
 from trgl_dist.training.build import backbone_for  # noqa: E402
 
 log = logging.getLogger("throughput")
+# steps: per in-process run (a, b) and per (d) schedule. pipeline_steps: per (c) run, for a
+# steady window of well over 100 steps between a stage's records (one every ~2 s) at K=2.
+# Standalone stage steps: `repeats` launches, each with a window of `window_s` seconds (or
+# about `window_steps` steps if longer) per stage alone and one co-run window per (K, split).
 PRESETS: dict[str, dict[str, Any]] = {
     "full": {"model": "resnet110", "width": 0, "batch_size": 32, "steps": 48, "warmup": 3,
-             "ks": (2, 4), "microbatches": (1, 2, 4), "threads": (1, 2)},
-    "quick": {"model": "resnet-small", "width": 16, "batch_size": 32, "steps": 16, "warmup": 3,
-              "ks": (2, 4), "microbatches": (1, 2), "threads": (1, 2)},
+             "pipeline_steps": 144, "ks": (2, 4), "microbatches": (1, 2, 4), "threads": (1, 2),
+             "repeats": 3, "window_s": 3.0, "window_steps": 10},
+    "quick": {"model": "resnet-small", "width": 16, "batch_size": 32, "steps": 24, "warmup": 3,
+              "pipeline_steps": 200, "ks": (2, 4), "microbatches": (1, 2), "threads": (1, 2),
+              "repeats": 3, "window_s": 1.0, "window_steps": 15},
     "tiny": {"model": "resnet-small", "width": 4, "batch_size": 8, "steps": 4, "warmup": 1,
-             "ks": (2,), "microbatches": (1,), "threads": (1,)},
+             "pipeline_steps": 4, "ks": (2,), "microbatches": (1,), "threads": (1,),
+             "repeats": 2, "window_s": 0.2, "window_steps": 3},
 }  # fmt: skip
 RESULTS = HERE / "results"
 TIMEOUT_S = 900.0
@@ -76,7 +82,7 @@ def settings_by_split(base: Setting, k: int, equal_time: list[int]) -> dict[str,
 
 
 def local_jobs(base: Setting, splits: dict[int, dict[str, Setting]], threads: tuple) -> list:
-    """(a) at every thread count, (b) per K, and each stage's standalone step per K and split."""
+    """(a) at every thread count and (b) per K."""
     jobs: list[dict[str, Any]] = []
     for t in threads:
         jobs.append({"name": f"e2e/{t}", "mode": "e2e", "threads": t, "setting": asdict(base)})
@@ -85,14 +91,29 @@ def local_jobs(base: Setting, splits: dict[int, dict[str, Setting]], threads: tu
             setting = asdict(by_split["equal-depth"])
             jobs.append({"name": f"parallel/{k}/{t}", "mode": "parallel", "threads": t,
                          "setting": setting})  # fmt: skip
-        for split, setting in by_split.items():
-            jobs.append({"name": f"stages/{k}/{split}", "mode": "stages", "stages": k,
-                         "setting": asdict(setting)})  # fmt: skip
     return jobs
 
 
+def pipeline_setting(setting: Setting, preset: dict[str, Any]) -> Setting:
+    """The setting of a (c) run and of its stages' standalone steps: more steps."""
+    return dataclasses.replace(setting, steps=preset["pipeline_steps"])
+
+
+def standalone_steps(splits: dict[int, dict[str, Setting]], preset: dict[str, Any]) -> dict:
+    """Every stage's standalone step, alone and co-run, for every K and split."""
+    configs = [
+        standalone.Config(f"{k}/{split}", k, asdict(pipeline_setting(setting, preset)))
+        for k, by_split in splits.items()
+        for split, setting in by_split.items()
+    ]
+    return standalone.measure(
+        configs, preset["repeats"], preset["window_s"], preset["window_steps"], TIMEOUT_S
+    )
+
+
 def measure_k(
-    k: int, by_split: dict[str, Setting], local: dict, args: argparse.Namespace, tmp: Path
+    k: int, by_split: dict[str, Setting], local: dict, steps: dict, args: argparse.Namespace,
+    tmp: Path,
 ) -> dict[str, Any]:
     """(b) from the in-process results; (c) for both splits and (d), launched here."""
     preset = PRESETS[args.preset]
@@ -101,10 +122,12 @@ def measure_k(
         "splits": {},
     }
     for split, setting in by_split.items():
-        stage_s = local[f"stages/{k}/{split}"]["stage_step_s"]
-        run_dir = launch.pipeline(setting, tmp / f"c{k}{split}", TIMEOUT_S)
-        numbers = pipeline_numbers(run_dir, setting.batch_size, stage_s)
+        stage = steps[f"{k}/{split}"]
+        run = pipeline_setting(setting, preset)
+        run_dir = launch.pipeline(run, tmp / f"c{k}{split}", TIMEOUT_S)
+        numbers = pipeline_numbers(run_dir, setting.batch_size, stage["alone"], stage["corun"])
         cores = min(k, os.cpu_count() or 1)
+        stage_s = numbers["stage_step_s"]
         numbers["cpu_bound_samples_per_s"] = setting.batch_size * cores / sum(stage_s)
         out["splits"][split] = numbers
     # Micro-batches per batch: multiples of K (Schedule1F1B needs at least K), each holding
@@ -139,6 +162,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         batch_size=preset["batch_size"], steps=preset["steps"], warmup=preset["warmup"],
     )  # fmt: skip
     result: dict[str, Any] = {"preset": args.preset, "setting": asdict(base)}
+    result["method"] = {
+        key: preset[key] for key in ("pipeline_steps", "repeats", "window_s", "window_steps")
+    }
     result["environment"] = environment_info(args.command)
     result["equal_time"] = equal_time_counts(base, preset["ks"])
     splits = {
@@ -150,8 +176,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         local = launch.local(jobs, tmp / "local.json", TIMEOUT_S)
         result["e2e"] = [local[f"e2e/{t}"] for t in preset["threads"]]
         result["e2e_best"] = best(result["e2e"])
+        steps = standalone_steps(splits, preset)
         result["per_k"] = {
-            str(k): measure_k(k, by_split, local, args, tmp) for k, by_split in splits.items()
+            str(k): measure_k(k, by_split, local, steps, args, tmp)
+            for k, by_split in splits.items()
         }
     ratios(result)
     return result
@@ -168,16 +196,8 @@ def main(argv: list[str] | None = None) -> int:
     args.preset = "tiny" if args.tiny else "quick" if args.quick else "full"
     args.command = " ".join(["python", "benchmarks/throughput/run.py", *(argv or sys.argv[1:])])
     name = "throughput" if args.preset == "full" else f"throughput_{args.preset}"
-    if args.render:
-        result = json.loads((args.results / f"{name}.json").read_text())
-    else:
-        result = run(args)
-        write_json(args.results / f"{name}.json", result)
-    table = markdown(result)
-    (args.results / f"{name}.md").write_text(table)
-    if args.results.resolve() == RESULTS.resolve():
-        splice_readme(HERE / "README.md", table, f"<!-- {name}:begin -->", f"<!-- {name}:end -->")
-    log.info("wrote %s", args.results / f"{name}.md")
+    out = measure_and_write(args, name, run, markdown, HERE / "README.md")
+    log.info("wrote %s", out)
     return 0
 
 
