@@ -1,17 +1,14 @@
-"""The named experiments of the accuracy study: presets (smoke, quick, full) and run specs."""
+"""The named experiments of the accuracy study (version 2): presets and run specs."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-# Methods of the study: module-wise VanGL and TRGL (trained in a module-wise regime) and E2E.
+# Module-wise methods (parallel regime) and E2E (plain back-propagation).
 MODULEWISE = ("vanilla", "trgl")
-METHOD_LABELS = {"vanilla": "VanGL", "trgl": "TRGL", "e2e": "E2E"}
-
-
-def size_label(size: int) -> str:
-    """A train size as the tables show it (0 is the whole training set)."""
-    return "60000 (full)" if size == 0 else str(size)
+METHOD_LABELS = {"vanilla": "VanGL", "trgl": "TRGL", "multipliers": "TRGL-mult", "e2e": "E2E"}
+#: Multipliers' (h, every, init): lambda_k starts at init and grows by h * CE every `every` steps.
+Mult = tuple[float, int, float]
 
 
 @dataclass(frozen=True)
@@ -20,92 +17,84 @@ class Preset:
 
     name: str
     dataset: str
-    model_flags: tuple[str, ...]  # the network, without its split into modules
-    blocks: int  # residual blocks of the network
-    modules: int  # K of the main runs (blocks / K blocks per module)
+    width: int
+    blocks: int  # residual blocks of the network, one per module in the main runs (K = blocks)
     batch_size: int
     sizes: tuple[int, ...]
-    epochs: tuple[int, ...]  # per entry of ``sizes``: fewer samples, more epochs
+    epochs: tuple[int, ...]  # per entry of ``sizes``: enough for E2E's training accuracy to level
     seeds: tuple[int, ...]
-    val_size: int  # held out of the training set for the sweeps
-    lr_grid: tuple[float, ...]  # module-wise lr, chosen on VanGL, used by VanGL and TRGL
+    sweep_seeds: tuple[int, ...]  # the validation sweeps' seeds (their own training subsets)
+    val_size: int  # held out of the training set, scored instead of the test set by the sweeps
+    lr_size: int  # the train size at which the lr of VanGL/TRGL and of E2E are chosen
+    lr_grid: tuple[float, ...]  # module-wise lr, chosen on VanGL, used by VanGL, TRGL, mult
     e2e_lr_grid: tuple[float, ...]
-    tau_grid: tuple[float, ...]
-    seq_seeds: tuple[int, ...]  # sequential and multilap, at the smallest size
-    seq_epochs: int  # per module
-    pipeline_epochs: int
-    pipeline_ranks: int
-    fullset_seeds: tuple[int, ...] = ()  # the whole training set (train size 0)
-    fullset_epochs: int = 1
-    fewer_modules: tuple[int, ...] = ()  # the same network cut into fewer modules
+    tau_grid: tuple[float, ...]  # searched at every train size
+    mult_sizes: tuple[int, ...]  # the multipliers variant runs at these sizes
+    mult_grid: tuple[Mult, ...]
+    deep_size: int  # the same blocks cut into fewer, deeper modules, at this size
+    deep_modules: int
+    eval_size: int = 0  # test images scored (0: all 10,000)
     extra_flags: tuple[str, ...] = ()
 
-    @property
-    def sweep_size(self) -> int:
-        return self.sizes[0]
-
     def epochs_for(self, size: int) -> int:
-        if size == 0:
-            return self.fullset_epochs
         return self.epochs[self.sizes.index(size)]
 
-
-KM_RESNET = ("--model", "km-resnet", "--width", "16")
 
 FULL = Preset(
     name="full",
     dataset="fashion-mnist",
-    model_flags=KM_RESNET,
-    blocks=16,
-    modules=16,
-    batch_size=64,
-    sizes=(600, 1200, 6000),
-    epochs=(16, 8, 4),
-    seeds=(0, 1, 2),
+    width=16,
+    blocks=20,
+    batch_size=32,
+    sizes=(150, 300, 600, 1200),
+    epochs=(80, 60, 40, 40),
+    seeds=tuple(range(10)),
+    sweep_seeds=(100,),
     val_size=1000,
-    lr_grid=(0.01, 0.05),
-    e2e_lr_grid=(0.03, 0.1),
-    tau_grid=(0.1, 0.5, 2.0, 10.0),
-    seq_seeds=(0, 1, 2),
-    seq_epochs=8,
-    pipeline_epochs=16,
-    pipeline_ranks=2,
-    fullset_seeds=(0,),
-    fullset_epochs=1,
-    fewer_modules=(4,),
+    lr_size=300,
+    lr_grid=(0.02, 0.05, 0.1),
+    e2e_lr_grid=(0.05, 0.1, 0.2),
+    tau_grid=(0.5, 2.0, 8.0),
+    mult_sizes=(150, 300),
+    mult_grid=((0.1, 10, 1.0), (0.5, 10, 1.0), (0.1, 10, 4.0)),
+    deep_size=300,
+    deep_modules=4,
 )
 
+# Two sizes, three seeds, short training, one sweep seed: the whole pipeline, under 10 minutes.
 QUICK = replace(
     FULL,
     name="quick",
-    sizes=(600, 1200),
-    epochs=(3, 2),
-    seeds=(0, 1),
+    sizes=(150, 300),
+    epochs=(12, 8),
+    seeds=(0, 1, 2),
+    sweep_seeds=(100,),
     lr_grid=(0.05,),
     e2e_lr_grid=(0.1,),
-    tau_grid=(1.0, 10.0),
-    seq_seeds=(0,),
-    seq_epochs=1,
-    pipeline_epochs=1,
-    fullset_seeds=(),
+    tau_grid=(0.5, 4.0),
+    mult_grid=((0.1, 10, 1.0),),
+    eval_size=2000,
 )
 
-# The tiny synthetic run of the tests: QUICK's grids and seeds on a 4-block network.
+# The tiny synthetic run of the tests: two sizes, two seeds, a 4-block network cut into 4 or 2.
 SMOKE = replace(
     QUICK,
     name="smoke",
     dataset="synthetic",
-    model_flags=("--model", "km-resnet", "--width", "4"),
+    width=4,
     blocks=4,
-    modules=4,
     batch_size=32,
     sizes=(96, 192),
     epochs=(1, 1),
+    seeds=(0, 1),
     val_size=64,
-    e2e_lr_grid=(0.05,),
+    lr_size=96,
     tau_grid=(0.5, 2.0),
-    fewer_modules=(2,),
-    extra_flags=("--synthetic-train", "384", "--synthetic-test", "128"),
+    mult_sizes=(96,),
+    deep_size=96,
+    deep_modules=2,
+    eval_size=0,
+    extra_flags=("--synthetic-train", "512", "--synthetic-test", "128"),
 )
 
 PRESETS = {p.name: p for p in (SMOKE, QUICK, FULL)}
@@ -113,166 +102,74 @@ PRESETS = {p.name: p for p in (SMOKE, QUICK, FULL)}
 
 @dataclass(frozen=True)
 class RunSpec:
-    """One training run. ``method`` is vanilla, trgl or e2e; ``size`` 0 is the full set."""
+    """One training run; ``method`` is vanilla, trgl, multipliers or e2e."""
 
-    phase: str
+    phase: str  # lr, tau, mult (validation sweeps), main, deep
     method: str
-    regime: str
     size: int
     seed: int
     epochs: int
     lr: float
-    tau: float = 1.0
+    tau: float = 1.0  # TRGL only
+    mult: Mult | None = None  # multipliers only
     validation: bool = False
-    final_eval_only: bool = True  # --eval-every 0: the test set scored after the last epoch only
-    modules: int = 0  # 0: the preset's K
+    modules: int = 0  # 0: one module per block
+
+    @property
+    def regime(self) -> str:
+        return "e2e" if self.method == "e2e" else "parallel"
 
     @property
     def run_id(self) -> str:
         tau = f"-tau{self.tau:g}" if self.method == "trgl" else ""
-        split = "-val" if self.validation else ""
+        mult = f"-h{self.mult[0]:g}-s{self.mult[1]}-i{self.mult[2]:g}" if self.mult else ""
         k = f"-K{self.modules}" if self.modules else ""
+        split = "-val" if self.validation else ""
         return (
-            f"{self.phase}-{self.method}-{self.regime}-n{self.size}-e{self.epochs}"
-            f"-lr{self.lr:g}{tau}{k}-s{self.seed}{split}"
+            f"{self.phase}-{self.method}-n{self.size}-e{self.epochs}-lr{self.lr:g}"
+            f"{tau}{mult}{k}-s{self.seed}{split}"
         )
+
+    def record(self) -> dict[str, object]:
+        """The spec's fields as a runs.jsonl record carries them."""
+        return {
+            "phase": self.phase,
+            "method": self.method,
+            "regime": self.regime,
+            "size": self.size,
+            "seed": self.seed,
+            "epochs": self.epochs,
+            "lr": self.lr,
+            "tau": self.tau,
+            "mult": list(self.mult) if self.mult else None,
+            "validation": self.validation,
+            "modules": self.modules,
+        }
 
 
 def train_flags(preset: Preset, spec: RunSpec) -> list[str]:
     """The `python -m trgl_dist.train` flags of one run (without --out)."""
-    regime = "parallel" if spec.regime == "pipeline" else spec.regime
+    modules = spec.modules or preset.blocks
     method = "vanilla" if spec.method == "e2e" else spec.method
-    modules = spec.modules or preset.modules
     flags = [
-        "--dataset",
-        preset.dataset,
-        *preset.model_flags,
-        "--modules",
-        str(modules),
-        "--blocks-per-module",
-        str(preset.blocks // modules),
+        *("--dataset", preset.dataset, "--model", "km-resnet", "--width", str(preset.width)),
+        *("--modules", str(modules), "--blocks-per-module", str(preset.blocks // modules)),
         *preset.extra_flags,
-        "--batch-size",
-        str(preset.batch_size),
-        "--regime",
-        regime,
-        "--method",
-        method,
-        "--tau",
-        repr(spec.tau),
-        "--tau-schedule",
-        "midpoint-double",
-        "--train-size",
-        str(spec.size),
-        "--epochs",
-        str(spec.epochs),
-        "--lr",
-        repr(spec.lr),
-        "--schedule",
-        "cosine",
-        "--seed",
-        str(spec.seed),
-        "--log-every",
-        "1000",
+        *("--batch-size", str(preset.batch_size), "--augment", "false"),
+        *("--regime", spec.regime, "--method", method),
+        *("--tau", repr(spec.tau), "--tau-schedule", "midpoint-double"),
+        *("--train-size", str(spec.size), "--epochs", str(spec.epochs), "--seed", str(spec.seed)),
+        *("--lr", repr(spec.lr), "--schedule", "cosine"),
+        # Scored once, after the last epoch; a train record per module at each epoch's end
+        # only (never mid-epoch), so the last one is the last epoch's training accuracy.
+        *("--eval-every", "0", "--log-every", "1000000", "--keep-checkpoints", "1"),
     ]
-    if spec.final_eval_only:
-        # Per-epoch test scoring (10,000 images through 16 modules) would cost more than an
-        # epoch of 600 training samples. A module-wise network is scored once, after its
-        # last epoch: in sequential and multilap each module is frozen after its own last
-        # epoch, so its score then is its score at the end.
-        flags += ["--eval-every", "0"]
+    if spec.mult:
+        h, every, init = spec.mult
+        flags += ["--multiplier-h", repr(h), "--multiplier-every", str(every)]
+        flags += ["--multiplier-init", repr(init)]
     if spec.validation:
         flags += ["--val-size", str(preset.val_size)]
-    if spec.regime == "sequential":
-        flags += ["--cache-frozen", "true"]
-    if spec.regime == "multilap":
-        flags += ["--laps", "2"]
+    elif preset.eval_size:
+        flags += ["--eval-size", str(preset.eval_size)]
     return flags
-
-
-def lr_sweep(preset: Preset) -> list[RunSpec]:
-    size = preset.sweep_size
-    epochs = preset.epochs_for(size)
-    specs = [
-        RunSpec("sweep", "vanilla", "parallel", size, 0, epochs, lr, validation=True)
-        for lr in preset.lr_grid
-    ]
-    specs += [
-        RunSpec("sweep", "e2e", "e2e", size, 0, epochs, lr, validation=True)
-        for lr in preset.e2e_lr_grid
-    ]
-    return specs
-
-
-def tau_sweep(preset: Preset, lr: float) -> list[RunSpec]:
-    size = preset.sweep_size
-    return [
-        RunSpec(
-            "sweep", "trgl", "parallel", size, 0, preset.epochs_for(size), lr, tau, validation=True
-        )
-        for tau in preset.tau_grid
-    ]
-
-
-def method_runs(
-    preset: Preset,
-    phase: str,
-    sizes: tuple[int, ...],
-    seeds: tuple[int, ...],
-    lr: float,
-    e2e_lr: float,
-    tau: float,
-) -> list[RunSpec]:
-    """VanGL, TRGL (parallel regime) and E2E at each size and seed, sizes outermost."""
-    specs = []
-    for size in sizes:
-        epochs = preset.epochs_for(size)
-        for seed in seeds:
-            specs.append(RunSpec(phase, "vanilla", "parallel", size, seed, epochs, lr, tau))
-            specs.append(RunSpec(phase, "trgl", "parallel", size, seed, epochs, lr, tau))
-            specs.append(RunSpec(phase, "e2e", "e2e", size, seed, epochs, e2e_lr, tau))
-    return specs
-
-
-def regime_runs(preset: Preset, lr: float, tau: float) -> list[RunSpec]:
-    """sequential and multilap at the smallest size, N_k = seq_epochs for every module."""
-    size = preset.sweep_size
-    return [
-        RunSpec("regimes", method, regime, size, seed, preset.seq_epochs, lr, tau)
-        for regime in ("sequential", "multilap")
-        for seed in preset.seq_seeds
-        for method in MODULEWISE
-    ]
-
-
-def module_count_runs(preset: Preset, lr: float, tau: float) -> list[RunSpec]:
-    """VanGL and TRGL at the smallest size on the same network cut into fewer modules (the
-    main runs are the many-module side), same lr and tau, same seeds."""
-    size = preset.sweep_size
-    return [
-        RunSpec(
-            "modules", method, "parallel", size, seed, preset.epochs_for(size), lr, tau, modules=k
-        )
-        for k in preset.fewer_modules
-        for seed in preset.seeds
-        for method in MODULEWISE
-    ]
-
-
-def pipeline_pair(preset: Preset, lr: float, tau: float) -> list[RunSpec]:
-    """The same TRGL run in the parallel regime and through torchrun, scored every epoch."""
-    size = preset.sweep_size
-    return [
-        RunSpec(
-            "pipeline",
-            "trgl",
-            regime,
-            size,
-            0,
-            preset.pipeline_epochs,
-            lr,
-            tau,
-            final_eval_only=False,
-        )
-        for regime in ("parallel", "pipeline")
-    ]

@@ -1,8 +1,4 @@
-"""Execute one run: in this process through `trgl_dist.train.main`, or under torchrun.
-
-Every run is the package's CLI as it is, with flags only (``experiments.train_flags``):
-nothing of the package is replaced.
-"""
+"""Execute runs: `trgl_dist.train.main` with flags only (nothing patched), in a worker pool."""
 
 from __future__ import annotations
 
@@ -10,10 +6,13 @@ import contextlib
 import io
 import json
 import logging
+import multiprocessing
 import os
+import shutil
 import subprocess
-import sys
 import time
+from collections.abc import Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,7 @@ from experiments import Preset, RunSpec, train_flags
 
 log = logging.getLogger("accuracy")
 REPO = Path(__file__).resolve().parents[2]
-PIPELINE_TIMEOUT_S = 1800
+INTERRUPTED = 130  # trgl_dist.train's exit code after Ctrl-C
 
 
 def package_version() -> dict[str, Any]:
@@ -39,76 +38,114 @@ def package_version() -> dict[str, Any]:
     }
 
 
-def _train_in_process(flags: list[str]) -> int:
-    from trgl_dist.train import main
+def train_accuracy(run_dir: Path, modules: int) -> tuple[list[float | None], list[float]]:
+    """Each module's training accuracy over the last epoch, and the last module's by epoch."""
+    # With --log-every above the steps of a run, a module's train records are its epochs'.
+    from trgl_dist.metrics.records import TrainRecord, read_records
 
-    quiet = io.StringIO()  # the console report: summary.json has the same numbers
-    with contextlib.redirect_stdout(quiet):
-        return main(flags)
-
-
-def _train_subprocess(flags: list[str], ranks: int, run_dir: Path) -> int:
-    """A fresh process (torchrun when ranks > 1): the pipeline check compares two runs of
-    the package as it is on disk at the same moment, whatever this process imported."""
-    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"]
-    command = [sys.executable, *(launcher if ranks > 1 else []), "-m", "trgl_dist.train", *flags]
-    path = f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
-    run_dir.parent.mkdir(parents=True, exist_ok=True)
-    with open(run_dir.parent / f"{run_dir.name}.log", "w", encoding="utf-8") as out:
-        done = subprocess.run(
-            command,
-            cwd=REPO,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            timeout=PIPELINE_TIMEOUT_S,
-            check=False,
-        )
-    return done.returncode
+    last: list[float | None] = [None] * modules
+    curve: dict[int, float] = {}
+    for r in read_records(run_dir / "metrics.jsonl"):
+        if isinstance(r, TrainRecord):
+            last[r.module] = r.accuracy
+            if r.module == modules - 1:
+                curve[r.epoch] = round(r.accuracy, 4)
+    return last, [curve[e] for e in sorted(curve)]
 
 
-def _result(spec: RunSpec, summary: dict[str, Any], seconds: float) -> dict[str, Any]:
+def _result(spec: RunSpec, run_dir: Path, summary: dict[str, Any]) -> dict[str, Any]:
     modules = [m["test_accuracy"] for m in summary["modules"]]
     last = summary["last_module_accuracy"]
-    best = summary["best_module_accuracy"]
+    best, best_module = summary["best_module_accuracy"], summary["best_module"]
+    train, curve = train_accuracy(run_dir, len(modules))
     if spec.method == "e2e":  # only the last head is trained and scored
-        modules, best = [None] * (len(modules) - 1) + [last], last
+        modules, best, best_module = [None] * (len(modules) - 1) + [last], last, len(modules) - 1
     return {
-        "id": spec.run_id,
-        **spec.__dict__,
         "status": "ok",
         "module_accuracy": modules,
         "last_module_accuracy": last,
         "best_module_accuracy": best,
-        "best_module": len(modules) - 1 if spec.method == "e2e" else summary["best_module"],
+        "best_module": best_module,
+        "train_accuracy": train,
+        "last_train_accuracy": train[-1],
+        "train_curve": curve,
         "samples_per_s": summary.get("samples_per_s"),
-        "seconds": seconds,
     }
 
 
 def execute(preset: Preset, spec: RunSpec, work_dir: Path) -> dict[str, Any]:
-    """Train one run into work_dir/<id>/ and return its result record (status ok or failed)."""
+    """Train one run into a fresh work_dir/<id>/; its record: ok, failed or interrupted."""
+    from trgl_dist.train import main
+
     run_dir = work_dir / spec.run_id
+    shutil.rmtree(run_dir, ignore_errors=True)  # what an interrupted attempt left
     flags = [*train_flags(preset, spec), "--out", str(run_dir)]
     started = time.perf_counter()
-    if spec.regime == "pipeline":
-        code = _train_subprocess(flags, preset.pipeline_ranks, run_dir)
-    elif spec.phase == "pipeline":
-        code = _train_subprocess(flags, 1, run_dir)
-    else:
-        try:
-            code = _train_in_process(flags)
-        except Exception:  # one broken run is recorded as failed; the study goes on
-            log.exception("run %s raised", spec.run_id)
-            code = -1
-    seconds = time.perf_counter() - started
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # the console report: in summary.json
+            code = main(flags)
+    except Exception:  # one broken run is recorded as failed; the study goes on
+        log.exception("run %s raised", spec.run_id)
+        code = -1
+    record: dict[str, Any] = {"id": spec.run_id, **spec.record()}
+    record["seconds"] = round(time.perf_counter() - started, 2)
     summary_path = run_dir / "summary.json"
-    if code != 0 or not summary_path.is_file():
-        log.error("run %s failed (exit %s); see %s", spec.run_id, code, run_dir)
-        return {"id": spec.run_id, **spec.__dict__, "status": "failed", "exit_code": code}
-    summary = json.loads(summary_path.read_text())
-    if summary.get("failure"):
-        log.error("run %s failed: %s", spec.run_id, summary["failure"].get("description"))
-        return {"id": spec.run_id, **spec.__dict__, "status": "failed", "exit_code": code}
-    return _result(spec, summary, seconds)
+    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    if code == INTERRUPTED:
+        return {**record, "status": "interrupted"}
+    if code != 0 or not summary or summary.get("failure"):
+        why = (summary.get("failure") or {}).get("description", f"exit {code}")
+        log.error("run %s failed: %s (see %s)", spec.run_id, why, run_dir)
+        return {**record, "status": "failed", "exit_code": code}
+    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # metrics.jsonl stays
+    return {**record, **_result(spec, run_dir, summary)}
+
+
+def _init_worker(threads: int) -> None:
+    """One worker: it ends with the study's process (Linux), and uses ``threads`` threads."""
+    import ctypes
+    import signal
+
+    with contextlib.suppress(OSError, AttributeError):  # PR_SET_PDEATHSIG = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
+    parent = multiprocessing.parent_process()
+    if parent is not None and os.getppid() != parent.pid:  # it ended before the prctl
+        os._exit(1)
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+class Pool:
+    """Spawned worker processes, each training one run at a time with ``threads`` threads."""
+
+    def __init__(self, workers: int, threads: int) -> None:
+        for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+            os.environ[var] = str(threads)  # read by the workers' OpenMP at start
+        self.workers = workers
+        self.executor = ProcessPoolExecutor(
+            workers,
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=_init_worker,
+            initargs=(threads,),
+        )
+        self.running: dict[Future[dict[str, Any]], RunSpec] = {}
+
+    def free(self) -> int:
+        return self.workers - len(self.running)
+
+    def busy(self, run_id: str) -> bool:
+        return any(spec.run_id == run_id for spec in self.running.values())
+
+    def submit(self, preset: Preset, spec: RunSpec, work_dir: Path) -> None:
+        self.running[self.executor.submit(execute, preset, spec, work_dir)] = spec
+
+    def finished(self) -> Iterator[dict[str, Any]]:
+        """Wait until at least one run finishes; yield the records of those that did."""
+        done, _ = wait(self.running, return_when=FIRST_COMPLETED)
+        for future in done:
+            del self.running[future]
+            yield future.result()
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=True, cancel_futures=True)

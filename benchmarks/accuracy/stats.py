@@ -67,15 +67,42 @@ def ok_runs(results: Iterable[dict[str, Any]], **match: Any) -> list[dict[str, A
     ]
 
 
+def with_depth_trend(record: dict[str, Any]) -> dict[str, Any]:
+    """The record plus its depth trend: accuracy after the last module minus after K/2."""
+    acc = record.get("module_accuracy") or []
+    mid = acc[len(acc) // 2 - 1] if len(acc) > 1 else None
+    trend = acc[-1] - mid if mid is not None and acc[-1] is not None else None
+    return {**record, "depth_trend": trend}
+
+
 def group_stats(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Last-module and best-module accuracy, and the drop from the best module to the last."""
+    """Last, best and training accuracy, best - last, and the depth trend (``with_depth_trend``)."""
     last = [r["last_module_accuracy"] for r in runs]
     best = [r["best_module_accuracy"] for r in runs]
+    train = [r["last_train_accuracy"] for r in runs if r.get("last_train_accuracy") is not None]
     return {
         "last": mean_ci(last),
         "best": mean_ci(best),
+        "train": mean_ci(train),
         "drop": mean_ci([b - a for a, b in zip(last, best, strict=True)]),
+        "trend": mean_ci([r["depth_trend"] for r in runs if r.get("depth_trend") is not None]),
         "seeds": [r["seed"] for r in runs],
+    }
+
+
+def welch_difference(a: Sequence[float], b: Sequence[float]) -> dict[str, Any]:
+    """mean(a) - mean(b) of two independent samples, with a 95% Welch t interval."""
+    x, y = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    if len(x) < 2 or len(y) < 2:
+        return {"n": min(len(x), len(y)), "mean": None, "ci95": None, "values": []}
+    va, vb = x.var(ddof=1) / len(x), y.var(ddof=1) / len(y)
+    se = math.sqrt(va + vb)
+    df = (va + vb) ** 2 / (va**2 / (len(x) - 1) + vb**2 / (len(y) - 1)) if se else len(x) - 1
+    return {
+        "n": min(len(x), len(y)),
+        "mean": float(x.mean() - y.mean()),
+        "ci95": t975(max(int(df), 1)) * se,
+        "values": [],
     }
 
 
@@ -102,10 +129,15 @@ def per_module(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return [mean_ci([r["module_accuracy"][k] for r in runs]) for k in range(depth)]
 
 
-def pick_best(runs: Sequence[dict[str, Any]], key: str) -> dict[str, Any] | None:
-    """The run with the highest validation last-module accuracy; the first on a tie."""
-    scored = [r for r in runs if r.get("status") == "ok" and r[key] is not None]
-    return max(scored, key=lambda r: r[key]) if scored else None
+def per_module_difference(
+    a_runs: Sequence[dict[str, Any]], b_runs: Sequence[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """Paired (same seed) a - b of the accuracy after each module."""
+    b_by_seed = {r["seed"]: r["module_accuracy"] for r in b_runs}
+    pairs = [(r["module_accuracy"], b_by_seed[r["seed"]]) for r in a_runs if r["seed"] in b_by_seed]
+    if not pairs:
+        return []
+    return [mean_ci([a[k] - b[k] for a, b in pairs]) for k in range(len(pairs[0][0]))]
 
 
 def fmt(stat: dict[str, Any] | None, scale: float = 100.0) -> str:

@@ -1,112 +1,97 @@
-"""Plain statements, generated from the aggregate, on each of the paper's claims tested here."""
+"""The paper's claims judged from 95% intervals: confirmed, contradicted or not confirmed."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from experiments import size_label
-from stats import excludes_zero, fmt, mean_ci
+from experiments import Preset
+from stats import excludes_zero, fmt, mean_ci, welch_difference
 
 
-def _sign_word(stat: dict[str, Any], above: str, below: str, unresolved: str) -> str:
-    side = excludes_zero(stat)
+def verdict(stat: dict[str, Any] | None, sign: int = 1) -> str:
+    """The word for a claim that the quantity is above 0 (sign 1) or below it (sign -1)."""
+    side = excludes_zero(stat) if stat else None
     if side is None:
-        return "no interval (fewer than 2 paired seeds)"
+        return "no interval yet (fewer than 2 seeds)"
     if not side:
-        return unresolved
-    return above if stat["mean"] > 0 else below
+        return "not confirmed"
+    return "confirmed" if stat["mean"] * sign > 0 else "contradicted"
 
 
-def _collapse_lines(aggregate: dict[str, Any]) -> list[str]:
-    lines = []
-    for d in aggregate["paired_differences"]:
-        stat = d["trgl_vs_vanilla_last"]
-        word = _sign_word(
-            stat,
-            "TRGL better (interval above 0)",
-            "TRGL worse (interval below 0)",
-            "no significant difference (interval contains 0)",
-        )
-        drops = {m["method"]: m["drop"] for m in aggregate["main"] if m["size"] == d["size"]}
-        lines.append(
-            f"- Train size {size_label(d['size'])}: last-module accuracy TRGL - VanGL = "
-            f"{fmt(stat)} points: **{word}**. Drop from the best module to the last: "
-            f"VanGL {fmt(drops.get('vanilla'))}, TRGL {fmt(drops.get('trgl'))} points."
-        )
-    return lines
+def _line(claim: str, stat: dict[str, Any] | None, sign: int = 1, extra: str = "") -> str:
+    n = f", n = {stat['n']}" if stat and stat.get("n") else ""
+    return f"- {claim}: **{verdict(stat, sign)}** ({fmt(stat)} points{n}){extra}."
 
 
-def _scarcity_line(aggregate: dict[str, Any]) -> str:
-    gains = [
-        (d["size"], d["trgl_vs_vanilla_last"]["mean"])
-        for d in aggregate["paired_differences"]
-        if d["trgl_vs_vanilla_last"]["mean"] is not None and d["size"] != 0
-    ]
-    if len(gains) < 2:
-        return "- Scarce data: not enough train sizes finished to compare."
-    smallest = min(gains)[0]
-    largest_gain = max(gains, key=lambda g: g[1])
-    holds = largest_gain[0] == smallest and largest_gain[1] > 0
-    listed = ", ".join(f"{s}: {100 * g:+.2f}" for s, g in sorted(gains))
-    return (
-        f"- Gain largest at the smallest train size? **{'yes' if holds else 'no'}** "
-        f"(mean TRGL - VanGL last-module gain by size, points: {listed}; the intervals above "
-        "say which gains are distinguishable from 0)."
+def _by_size(aggregate: dict[str, Any], key: str) -> dict[int, dict[str, Any]]:
+    return {d["size"]: d[key] for d in aggregate["paired_differences"]}
+
+
+def _scarcity(aggregate: dict[str, Any], preset: Preset) -> str:
+    """Gain at the smallest size minus gain at the largest (independent subsets: Welch)."""
+    gains = _by_size(aggregate, "trgl_vanilla_last")
+    small, large = preset.sizes[0], preset.sizes[-1]
+    stat = welch_difference(gains[small]["values"], gains[large]["values"])
+    listed = ", ".join(f"{s}: {fmt(g)}" for s, g in gains.items())
+    return _line(
+        f"TRGL's gain over VanGL is larger at {small} images than at {large}",
+        stat,
+        extra=f"; gain by size: {listed}",
     )
 
 
-def _modules_line(aggregate: dict[str, Any]) -> str:
-    """Is TRGL's gain over VanGL larger with more modules? The gain difference is paired by
-    seed (same training subset at every K)."""
+def _modules(aggregate: dict[str, Any]) -> str:
+    """Gain with K = blocks minus gain with fewer modules, paired by seed (same subsets)."""
     rows = aggregate["module_counts"]
     if len(rows) < 2:
-        return "- Many modules: not enough module counts finished to compare."
+        return "- More modules, more gain: **not run yet**."
     few, many = rows[0], rows[-1]
     shared = sorted(set(few["gain_by_seed"]) & set(many["gain_by_seed"]))
-    diff = mean_ci([many["gain_by_seed"][s] - few["gain_by_seed"][s] for s in shared])
-    word = _sign_word(
-        diff,
-        "yes (interval above 0)",
-        "no, smaller (interval below 0)",
-        "no significant difference (interval contains 0)",
-    )
-    return (
-        f"- Gain larger with more modules? TRGL - VanGL last-module gain at K = "
-        f"{many['modules']}: {fmt(many['gain_last'])}, at K = {few['modules']}: "
-        f"{fmt(few['gain_last'])} points; difference of the gains, paired by seed: "
-        f"{fmt(diff)}: **{word}**."
+    stat = mean_ci([many["gain_by_seed"][s] - few["gain_by_seed"][s] for s in shared])
+    return _line(
+        f"TRGL's gain over VanGL is larger with K = {many['modules']} modules than with"
+        f" K = {few['modules']} (gain K = {many['modules']} minus gain K = {few['modules']})",
+        stat,
+        extra=f"; gains: K = {many['modules']} {fmt(many['gain_last'])}, K = {few['modules']}"
+        f" {fmt(few['gain_last'])}",
     )
 
 
-def _e2e_lines(aggregate: dict[str, Any]) -> list[str]:
+def _depth(aggregate: dict[str, Any], preset: Preset) -> list[str]:
+    trend = {(d["size"], d["method"]): d["trend"] for d in aggregate["main"]}
     lines = []
-    for d in aggregate["paired_differences"]:
-        stat = d["trgl_vs_e2e_last"]
-        word = _sign_word(
-            stat, "TRGL above E2E", "TRGL below E2E", "indistinguishable from E2E at this n"
-        )
+    for size, stat in _by_size(aggregate, "trgl_vanilla_trend").items():
         lines.append(
-            f"- Train size {size_label(d['size'])}: TRGL - E2E = {fmt(stat)} points: **{word}**; "
-            f"VanGL - E2E = {fmt(d['vanilla_vs_e2e_last'])}."
+            _line(
+                f"n = {size}: VanGL's accuracy falls from module {preset.blocks // 2} to"
+                f" {preset.blocks}",
+                trend.get((size, "vanilla")),
+                sign=-1,
+            )
         )
+        lines.append(_line(f"n = {size}: TRGL's falls less (TRGL - VanGL of that change)", stat))
     return lines
 
 
-def _pipeline_line(aggregate: dict[str, Any]) -> str:
-    diff = aggregate["pipeline_check"].get("max_abs_difference")
-    if diff is None:
-        return "- Pipeline vs parallel: not run (or a run failed)."
-    same = "identical" if diff == 0 else f"differ by up to {100 * diff:.4f} points"
-    return f"- Pipeline (torchrun) vs parallel, same seed: per-module test accuracies **{same}**."
-
-
-def verdict_lines(aggregate: dict[str, Any]) -> list[str]:
-    return [
-        "Transport regularization vs stagnation/collapse of deep module-wise training:",
-        *_collapse_lines(aggregate),
-        _scarcity_line(aggregate),
-        _modules_line(aggregate),
-        "Module-wise training competitive with E2E (same epochs):",
-        *_e2e_lines(aggregate),
-        _pipeline_line(aggregate),
-    ]
+def verdict_lines(aggregate: dict[str, Any], preset: Preset) -> list[str]:
+    """Every claim, one line each, from the aggregate of write_report."""
+    lines = ["TRGL against VanGL, last module (the network's output):"]
+    for size, stat in _by_size(aggregate, "trgl_vanilla_last").items():
+        lines.append(_line(f"n = {size}: TRGL above VanGL", stat))
+    lines += ["", "Stagnation or collapse with depth, and whether TRGL stops it:"]
+    lines += _depth(aggregate, preset)
+    lines += ["", "Where TRGL helps most:", _scarcity(aggregate, preset), _modules(aggregate)]
+    lines += ["", "Module-wise training against end-to-end back-propagation (same epochs):"]
+    for size, stat in _by_size(aggregate, "trgl_e2e_last").items():
+        lines.append(_line(f"n = {size}: TRGL above E2E", stat))
+    lines += ["", "The method of multipliers:"]
+    for size, stat in _by_size(aggregate, "mult_trgl_last").items():
+        if size in preset.mult_sizes:
+            lines.append(_line(f"n = {size}: TRGL-mult above TRGL", stat))
+            lines.append(
+                _line(
+                    f"n = {size}: TRGL-mult above VanGL",
+                    _by_size(aggregate, "mult_vanilla_last")[size],
+                )
+            )
+    return lines
