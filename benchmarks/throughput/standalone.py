@@ -47,8 +47,6 @@ WARMUP_STEPS = 3
 POLL_S = 0.01
 START_DELAY_S = 0.5  # from writing the schedule to the first window: every slot has read it
 MIN_LEAD_S = 0.05
-MMAP_THRESHOLD = 32 << 20  # glibc's largest
-TRIM_THRESHOLD = 1 << 30
 
 
 @dataclass(frozen=True)
@@ -134,28 +132,11 @@ def _window(step: Any, start: float, end: float, lead: float) -> dict[str, Any]:
     return {"timed_s": timed, "steps": done}
 
 
-def keep_freed_memory() -> bool:
-    """Ask glibc's malloc to keep freed memory mapped (no trimming of the heap's top, no
-    mmap for big blocks): its page faults then stop after the warm-up. Otherwise how many a
-    step takes depends on the process's allocation history through malloc's adaptive
-    thresholds, and varied here from about 10 to 800 per step between launches of the same
-    job. False where this is not glibc."""
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    ok = mallopt(m_mmap_threshold, MMAP_THRESHOLD) == 1
-    return mallopt(m_trim_threshold, TRIM_THRESHOLD) == 1 and ok
-
-
 def slot(configs: list[Config], index: int, folder: Path, timeout: float) -> None:
     """One slot: build, warm up, say ready (with an estimate of each step), follow the plan."""
     import torch
+
+    from trgl_dist.runtime.allocator import keep_freed_memory  # as the pipeline's ranks do
 
     torch.set_num_threads(1)
     kept = keep_freed_memory()

@@ -24,6 +24,7 @@ from trgl_dist.metrics.records import MAX_MESSAGE_CHARS, CheckpointRecord, Error
 from trgl_dist.metrics.spans import NullRecorder, Recorder, SpanRecorder
 from trgl_dist.rundir import CONFIG_FILE, TRACE_DIR, run_directory
 from trgl_dist.runtime import topology as topo
+from trgl_dist.runtime.allocator import keep_freed_memory
 from trgl_dist.runtime.link import PeerFailure
 from trgl_dist.runtime.planes import warm_links
 from trgl_dist.runtime.startup import StartFailed, agree_on_plan, broadcast_json, together
@@ -81,6 +82,7 @@ class _Services:
 def run_pipeline(config: Config, resume: Resume | None = None) -> int:
     """One stage of the pipeline. Returns the process exit code (0, 1, 2 or 130)."""
     signal.signal(signal.SIGTERM, _on_sigterm)
+    keep_freed_memory()  # a steady step then maps no new pages (runtime/allocator.py)
     services = _Services()
     topology = None
     try:
