@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import time
+import tomllib
 
+import psutil
 import pytest
 
 from tests.launcher import our_output, rank_process, torchrun
 from trgl_dist.metrics.records import EvalRecord, TrainRecord, read_records
+from trgl_dist.runtime.watchdog import COORDINATOR_SILENCE_S
 
 SMALL = ["--dataset", "synthetic", "--model", "resnet-small", "--width", "8", "--batch-size", "16",
          "--log-every", "2"]
@@ -17,7 +21,9 @@ SMALL = ["--dataset", "synthetic", "--model", "resnet-small", "--width", "8", "-
 
 def test_two_stage_pipeline_writes_summary_and_metrics_of_both_stages(tmp_path):
     out = tmp_path / "run"
-    flags = ["--modules", "3", "--plan", "even", "--epochs", "2", "--out", str(out)]
+    # equal-time: rank 0 profiles the split and broadcasts it, under the strict device rules
+    flags = ["--modules", "3", "--split", "equal-time", "--plan", "even", "--epochs", "2",
+             "--out", str(out)]
     launch = torchrun(2, [*SMALL, *flags])
     assert launch.code == 0, launch.output
     summary = json.loads((out / "summary.json").read_text())
@@ -35,6 +41,8 @@ def test_two_stage_pipeline_writes_summary_and_metrics_of_both_stages(tmp_path):
     }
     assert "Results (pipeline, 3 modules)" in launch.output
     assert (out / "config.toml").exists() and (out / "report.md").exists()
+    counts = tomllib.loads((out / "config.toml").read_text())["model"]["split_counts"]
+    assert len(counts) == 3 and sum(counts) == 9  # resnet-small's 9 blocks, as measured
     assert launch.survivors() == []
 
 
@@ -128,6 +136,51 @@ def test_a_killed_launcher_takes_every_rank_and_the_coordinator_with_it(tmp_path
         assert "the launcher (pid" in launch.read_rest(), launch.output
     finally:
         launch.kill_survivors()
+
+
+def _coordinator(launcher):
+    for child in launcher.children(recursive=True):
+        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+            if "trgl_dist.metrics.coordinator" in " ".join(child.cmdline()):
+                return child
+    return None
+
+
+@pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGSTOP], ids=["killed", "frozen"])
+def test_a_lost_coordinator_stops_every_rank_in_one_line(tmp_path, how):
+    out = tmp_path / "run"
+    ready = _stage_trained(out)
+    hit: list = []
+
+    def stop_the_coordinator(launcher, elapsed):
+        coordinator = _coordinator(launcher)
+        if coordinator is None or not ready():
+            return False
+        coordinator.send_signal(how)
+        hit.append((coordinator, time.monotonic()))
+        return True
+
+    args = [*SMALL, "--modules", "3", "--epochs", "50", "--synthetic-train", "2048"]
+    launch = torchrun(3, [*args, "--out", str(out)], during=stop_the_coordinator,
+                      kill_at_end=False)
+    try:
+        assert hit
+        # the ranks' watchdogs give the coordinator 15 s, then each says so and exits;
+        # rank 0 kills a frozen coordinator on its way out: nothing is left running
+        assert time.monotonic() - hit[0][1] < COORDINATOR_SILENCE_S + 30
+        deadline = time.monotonic() + 30
+        while launch.survivors() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert launch.survivors() == [], launch.survivors()
+        output = our_output(launch.read_rest())
+        assert launch.code != 0, output
+        assert "the metrics coordinator has been silent" in output, output
+        assert "Traceback" not in output, output
+    finally:
+        launch.kill_survivors()
+        for coordinator, _ in hit:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                coordinator.kill()
 
 
 def test_ctrl_c_while_the_ranks_start_is_one_line_and_leaves_nothing_running(tmp_path):

@@ -287,8 +287,9 @@ def format_console_report(summary: dict[str, Any]) -> str:
     )
     for s in summary.get("stages") or []:
         cuda = s.get("cuda_peak_mb")
+        noun = "module" if len(s["modules"]) == 1 else "modules"
         lines.append(
-            f"stage {s['stage']} (modules {_module_list(s['modules'])}): busy {_pct(s['busy'])}, "
+            f"stage {s['stage']} ({noun} {_module_list(s['modules'])}): busy {_pct(s['busy'])}, "
             f"waiting {_pct(s['wait'])}, peak RSS {_num(s['peak_rss_mb'])} MB"
             + ("" if cuda is None else f", CUDA peak {_num(cuda)} MB")
             + plan_console_line(summary, s["stage"])

@@ -102,6 +102,8 @@ class Watchdog(threading.Thread):
             if os.getppid() != self.parent_pid:
                 self._exit(f"the launcher (pid {self.parent_pid}) is gone")
             if time.monotonic() - last_alive > self.coordinator_silence_s:
+                if self.coordinator is not None:  # frozen, it would outlive the run
+                    self.coordinator.kill()
                 self._exit(
                     f"the metrics coordinator has been silent for {self.coordinator_silence_s:.0f}"
                     " s (dead or frozen)"
