@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import platform
 import sys
 import time
@@ -158,3 +159,27 @@ def write_outputs(
     (out / f"{name}.md").write_text(markdown)
     if out.resolve() == (folder / "results").resolve() and name == full_name:
         splice_readme(folder / "README.md", markdown)
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def child_environment(threads: int | None) -> dict[str, str]:
+    """A benchmark's child process: the package importable from the checkout, ``threads``
+    per process (OMP_NUM_THREADS), or None for torch's default with every thread-count
+    variable removed."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH", "")]))
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        env.pop(name, None)
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = str(threads)
+    return env
+
+
+def torchrun(nproc: int) -> list[str]:
+    """The launcher's command line, single node, ``nproc`` ranks."""
+    return [
+        sys.executable, "-m", "torch.distributed.run", "--standalone",
+        f"--nproc_per_node={nproc}",
+    ]  # fmt: skip

@@ -25,11 +25,13 @@ def _positive(value: object) -> bool:
 
 
 def test_contiguous_splits_and_layout_names() -> None:
-    sys.path.insert(0, str(FOLDER))
+    folders = [str(FOLDER), str(FOLDER.parent)]  # the benchmark and benchmarks/ (benchenv)
+    sys.path[:0] = folders
     try:
         from experiments import contiguous_splits, layout_name
     finally:
-        sys.path.remove(str(FOLDER))
+        for folder in folders:
+            sys.path.remove(folder)
     assert contiguous_splits(4, 3) == [(1, 1, 2), (1, 2, 1), (2, 1, 1)]
     assert contiguous_splits(3, 3) == [(1, 1, 1)]
     assert all(sum(s) == 6 and len(s) == 2 for s in contiguous_splits(6, 2))

@@ -10,7 +10,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from processes import HERE, torchrun
+from benchenv import torchrun
+from processes import HERE
 
 KINDS = {
     "a": "(a) split, no replicas",

@@ -6,55 +6,28 @@ import contextlib
 import os
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
+from benchenv import REPO, child_environment
+
 HERE = Path(__file__).resolve().parent
-REPO = HERE.parents[1]
 #: Seconds a process group gets between SIGTERM and SIGKILL.
 GRACE_S = 10.0
 #: Lines of a failed command's log shown in the error.
 TAIL_LINES = 40
 
 
-def environment(threads: int | None) -> dict[str, str]:
-    """The package importable from the checkout; ``threads`` per process, or None for
-    torch's default (one per core), with every thread-count variable removed."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH", "")]))
-    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-        env.pop(name, None)
-    if threads is not None:
-        # torchrun's own default, made explicit: one thread per rank whatever the shell says.
-        env["OMP_NUM_THREADS"] = str(threads)
-    return env
-
-
-def usable_cores() -> int:
-    """The cores this process (and the experiments it starts) may run on."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
-
-
-def torchrun(nproc: int) -> list[str]:
-    return [
-        sys.executable, "-m", "torch.distributed.run", "--standalone",
-        f"--nproc_per_node={nproc}",
-    ]  # fmt: skip
-
-
 def run(command: list[str], log_file: Path, timeout_s: float, threads: int | None) -> None:
     """Run ``command`` in a session of its own, its output into ``log_file``. On a
-    deadline, an error or an interrupt the whole session is stopped (torchrun's workers
-    and the coordinator they start are in it), so no rank outlives its experiment."""
+    deadline, an error or an interrupt that session gets SIGTERM (torchrun passes it on to
+    its workers, which run in sessions of their own), then SIGKILL; a rank whose launcher
+    is gone exits by itself (its watchdog), so no rank outlives its experiment."""
     log_file.parent.mkdir(parents=True, exist_ok=True)
     with open(log_file, "w", encoding="utf-8") as out:
         out.write("$ " + " ".join(command) + "\n")
         out.flush()
         child = subprocess.Popen(
-            command, cwd=REPO, env=environment(threads), stdout=out, stderr=subprocess.STDOUT,
+            command, cwd=REPO, env=child_environment(threads), stdout=out, stderr=subprocess.STDOUT,
             start_new_session=True,
         )  # fmt: skip
         try:

@@ -32,10 +32,12 @@ HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parents[1]), str(HERE.parent)]
 
 import processes  # noqa: E402
-from benchenv import environment, write_outputs  # noqa: E402
+from benchenv import child_environment, environment, write_outputs  # noqa: E402
 from experiments import Experiment, Setting, experiments, planner_command  # noqa: E402
 from outcome import STEADY, aggregate, module_steps, run_numbers  # noqa: E402
 from tables import markdown  # noqa: E402
+
+from trgl_dist.planning.profile import usable_cores  # noqa: E402
 
 log = logging.getLogger("scaling")
 NAME = "scaling"
@@ -73,7 +75,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def e2e_threads() -> int:
     """torch's thread count in a process started as the E2E run is."""
     probe = [sys.executable, "-c", "import torch; print(torch.get_num_threads())"]
-    done = subprocess.run(probe, env=processes.environment(None), capture_output=True, text=True,
+    done = subprocess.run(probe, env=child_environment(None), capture_output=True, text=True,
                           timeout=120, check=True)  # fmt: skip
     return int(done.stdout.strip())
 
@@ -147,7 +149,7 @@ def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     preset = PRESETS[args.preset]
     setting = Setting(**{k: v for k, v in preset.items() if k not in ("repeats", "timeout_s")})
     threads = e2e_threads()
-    env = environment("benchmarks/scaling/run.py", cores=processes.usable_cores(),
+    env = environment("benchmarks/scaling/run.py", cores=usable_cores(),
                       e2e_threads=threads)  # fmt: skip
     plan = make_plan(setting, work, preset["timeout_s"])
     found = experiments(setting, plan)

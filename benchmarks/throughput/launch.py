@@ -4,24 +4,17 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
+from benchenv import child_environment, torchrun
 from common import Setting
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 log = logging.getLogger("throughput")
-
-
-def environment(threads: int) -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH", "")]))
-    env["OMP_NUM_THREADS"] = str(threads)
-    return env
 
 
 def run_command(command: list[str], threads: int, timeout: float) -> None:
@@ -30,7 +23,7 @@ def run_command(command: list[str], threads: int, timeout: float) -> None:
     done = subprocess.run(
         command,
         cwd=REPO,
-        env=environment(threads),
+        env=child_environment(threads),
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -40,13 +33,6 @@ def run_command(command: list[str], threads: int, timeout: float) -> None:
         raise RuntimeError(
             f"{' '.join(command[:6])}... exited {done.returncode}:\n{done.stderr[-3000:]}"
         )
-
-
-def torchrun(nproc: int) -> list[str]:
-    return [
-        sys.executable, "-m", "torch.distributed.run", "--standalone",
-        f"--nproc_per_node={nproc}",
-    ]  # fmt: skip
 
 
 def local(jobs: list[dict[str, Any]], out: Path, timeout: float) -> dict:

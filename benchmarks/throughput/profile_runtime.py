@@ -452,8 +452,9 @@ def profile_pipeline(setting: Setting, window: float, rate: int, tmp: Path) -> d
     log.info("$ %s", " ".join(command))
     output = tmp / "pipeline.txt"
     with open(output, "w") as out:
-        proc = subprocess.Popen(command, cwd=launch.REPO, env=launch.environment(1), stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+        proc = subprocess.Popen(command, cwd=launch.REPO, env=launch.child_environment(1),
+                                stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)  # fmt: skip
     try:
         return _profile_run(proc, setting, run_dir, window, rate, tmp)
     except BaseException:

@@ -206,6 +206,8 @@ class ModuleLearner:
     def _schedule_to(self, epoch: int) -> None:
         """Move the learning-rate schedule on to ``epoch`` (one step per epoch begun since);
         e2e's learners share one schedule, which moves once."""
+        if self.scheduler.last_epoch >= epoch:
+            return  # every step but the first of an epoch: nothing to move
         with warnings.catch_warnings():
             # A resumed run's first step moves the schedule before its first optimizer
             # step: torch warns, but the epoch did begin and the schedule must move on.
