@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import gzip
 import logging
+import os
+import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +16,6 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 from torchvision import datasets
-from torchvision.datasets.utils import extract_archive
 from torchvision.transforms import v2
 
 from trgl_dist.errors import ConfigError, DataError, first_line
@@ -165,9 +167,28 @@ def _fashion_mnist_root(root: Path) -> Path:
     if all((DEBIAN_FASHION_MNIST / f"{f}.gz").exists() for f in FASHION_FILES):
         raw.mkdir(parents=True, exist_ok=True)
         for f in FASHION_FILES:
-            extract_archive(str(DEBIAN_FASHION_MNIST / f"{f}.gz"), str(raw))
+            _unpack_once(DEBIAN_FASHION_MNIST / f"{f}.gz", raw / f)
         log.info("using Fashion-MNIST from %s", DEBIAN_FASHION_MNIST)
     return root
+
+
+def _unpack_once(archive: Path, target: Path) -> None:
+    """Decompress ``archive`` to ``target`` through a private temporary file and a rename.
+
+    Several processes stage the files at once (every rank of a first run, the workers of a
+    benchmark): each writes its own copy and renames it into place, so a reader sees either
+    no file or a whole one, never another process's half-written file, and a process killed
+    while unpacking leaves no truncated file behind.
+    """
+    if target.exists():
+        return
+    partial = target.with_name(f".{target.name}.{os.getpid()}.partial")
+    try:
+        with gzip.open(archive, "rb") as src, open(partial, "wb") as dst:
+            shutil.copyfileobj(src, dst, 1 << 20)
+        os.replace(partial, target)
+    finally:
+        partial.unlink(missing_ok=True)
 
 
 def _download_hint(name: str, root: Path) -> str:
@@ -183,6 +204,18 @@ def _download_hint(name: str, root: Path) -> str:
     )
 
 
+#: The folder under the data directory that torchvision's class of each dataset reads.
+TORCHVISION_FOLDERS = {
+    "fashion-mnist": "FashionMNIST",
+    "mnist": "MNIST",
+    "cifar10": "cifar-10-batches-py",
+    "cifar100": "cifar-100-python",
+    "stl10": "stl10_binary",
+}
+# How torchvision's readers fail on a truncated or foreign file.
+_UNREADABLE = (RuntimeError, OSError, ValueError, EOFError, IndexError, AssertionError)
+
+
 def _load_torchvision(name: str, root: Path, train: bool) -> tuple[Tensor, Tensor]:
     """Images as uint8 (N, C, H, W) and labels, from torchvision's own dataset classes."""
     if name == "fashion-mnist":
@@ -193,13 +226,20 @@ def _load_torchvision(name: str, root: Path, train: bool) -> tuple[Tensor, Tenso
         "cifar10": datasets.CIFAR10,
         "cifar100": datasets.CIFAR100,
     }
+    folder = root / TORCHVISION_FOLDERS[name]
+    was_there = folder.is_dir() and any(folder.rglob("*"))
     try:
         if name == "stl10":
             ds = datasets.STL10(str(root), split="train" if train else "test", download=True)
             return torch.from_numpy(ds.data), torch.from_numpy(ds.labels).long()
         ds = kinds[name](str(root), train=train, download=True)
-    except (RuntimeError, OSError) as err:
-        raise DataError(_download_hint(name, root)) from err
+    except _UNREADABLE as err:
+        if not was_there:
+            raise DataError(_download_hint(name, root)) from err
+        raise DataError(
+            f"{name}: the files in {folder} cannot be read ({first_line(err)}); a truncated or "
+            "foreign file? delete that folder to fetch them again"
+        ) from err
     data = ds.data if isinstance(ds.data, Tensor) else torch.from_numpy(ds.data)
     images = data.unsqueeze(1) if data.ndim == 3 else data.permute(0, 3, 1, 2)
     return images.contiguous(), torch.as_tensor(ds.targets).long()
