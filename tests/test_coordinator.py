@@ -429,3 +429,16 @@ def test_a_silent_rank_is_frozen_and_every_rank_is_told_to_abort(
     assert abort[2:] == [b"1", b"frozen"] and b"stopped responding" in abort[1]
     line = "trgl_dist: training failed: stage 1 (rank 1) stopped responding: nothing heard"
     assert any(x.startswith(line) for x in capfd.readouterr().err.splitlines())
+
+
+def test_the_coordinator_never_preempts_a_ranks_compute(
+    tmp_path: Path, coordinators: list[Any]
+) -> None:
+    # Every thread of it (its own and pyzmq's) under SCHED_BATCH (trgl_dist/scheduling.py).
+    start(tmp_path, coordinators, world_size=2)
+    pid = coordinators[-1].pid
+    threads = os.listdir(f"/proc/{pid}/task")
+    assert len(threads) >= 2  # the coordinator's thread and pyzmq's I/O thread
+    assert {os.sched_getscheduler(int(tid)) for tid in threads} == {os.SCHED_BATCH}
+    coordinators[-1].terminate()
+    exit_code(coordinators)

@@ -1,6 +1,8 @@
 """The pipeline on real Gloo processes: equivalence with `parallel`, buffers, eval, end of run."""
 
 import math
+import os
+import threading
 import time
 
 import pytest
@@ -35,6 +37,35 @@ def _stage_worker(topology, config, slow_first_stage_s=0.0):
     }
     inbox = worker.inbox.stats() if worker.inbox is not None else None
     return params, records, inbox
+
+
+def _thread_policies_while_training(topology, config):
+    """One rank: the scheduling policy of each of its threads, seen from its compute thread
+    during its first training step (every link, Gloo, watchdog thread exists by then)."""
+    stage = build_stage(config, topology)
+    seen: dict[int, int] = {}
+    step = stage.learners[0].train_step
+
+    def looking(x, y):
+        if not seen:
+            for name in os.listdir("/proc/self/task"):
+                seen[int(name)] = os.sched_getscheduler(int(name))
+        return step(x, y)
+
+    stage.learners[0].train_step = looking
+    run_stage(config, topology, stage, lambda record: None)
+    return threading.get_native_id(), seen
+
+
+def test_a_ranks_helper_threads_never_preempt_its_compute_thread():
+    config = small_config(model={"modules": 2})
+    results = run_workers(_thread_policies_while_training, 2, config, deadline_s=120)
+    for r in results:
+        assert r.exitcode == 0, r.error
+        compute, policies = r.value
+        assert policies.pop(compute) == os.SCHED_OTHER
+        assert len(policies) >= 3  # a link thread and Gloo's threads at least
+        assert set(policies.values()) == {os.SCHED_BATCH}, policies
 
 
 def _parallel_reference(config):

@@ -22,6 +22,7 @@ import zmq
 from trgl_dist.errors import CoordinatorError
 from trgl_dist.metrics.collector import Collector, CoordinatorSettings, RunShape
 from trgl_dist.metrics.runlog import RunLog
+from trgl_dist.scheduling import run_in_background
 
 logger = logging.getLogger(__name__)
 
@@ -246,6 +247,7 @@ def _main() -> int:
     # Signals first: a Ctrl-C while starting ends this process quietly, like any later one.
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, _quit)
+    run_in_background()  # never preempt a rank's compute (scheduling.py); before zmq's threads
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s [coordinator] %(message)s", datefmt="%H:%M:%S"
     )

@@ -25,6 +25,7 @@ from trgl_dist.runtime.planes import LinkEnd
 from trgl_dist.runtime.routing import Fanout, merged_inboxes
 from trgl_dist.runtime.streams import DeviceStreams
 from trgl_dist.runtime.wire import WireFormat
+from trgl_dist.scheduling import yield_to_compute
 from trgl_dist.training.build import build_network, resolve_split
 from trgl_dist.training.items import Batch, Kind
 from trgl_dist.training.learner import ModuleLearner, build_learners
@@ -208,6 +209,7 @@ def _wire_stage(
     ]
     for thread in threads:
         thread.start()
+    yield_to_compute()  # link, Gloo, watchdog and zmq threads: no preempting the compute
     plan = dataclasses.replace(
         stage_plan(config, stage.feed, stage.start_step),
         replica=topology.replica,
