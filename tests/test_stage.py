@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 
 import pytest
@@ -17,9 +18,11 @@ from trgl_dist.metrics.records import (
 )
 from trgl_dist.regimes import RUNNERS
 from trgl_dist.runtime.buffer import BatchBuffer
+from trgl_dist.training import stage as stage_module
 from trgl_dist.training.items import Kind
+from trgl_dist.training.memory import MIB
 from trgl_dist.training.schedule import batch_stream, inbox_stream, stage_plan
-from trgl_dist.training.stage import StageWorker
+from trgl_dist.training.stage import PROBE_BATCH, WARMUP_BATCHES, StageWorker
 
 
 def two_stages_in_threads(config, split: int):
@@ -103,3 +106,42 @@ def test_a_nan_loss_stops_the_stage_before_the_next_checkpoint():
         worker.run()
     bad = min(int(lr.guard.step) for lr in ctx.learners if int(lr.guard.step))
     assert saved and max(saved) < bad  # no checkpoint at or after the first bad step
+
+
+def test_the_memory_probe_runs_while_the_pipeline_fills_and_adds_what_the_buffers_held(
+    monkeypatch,
+):
+    # Tracking every tensor makes the probed step several times slower: it must fall among
+    # the warm-up batches (whose compute is not timed), not in the steady state.
+    probed_after: list[int] = []
+    real = stage_module.tracked_peak_mb
+    config = small_config(data={"batch_size": 8}, train={"epochs": 2},
+                          pipeline={"buffer_size": 2})  # fmt: skip
+    ctx = make_context(config)
+    records: list = []
+    outbox = BatchBuffer(2)
+    plan = dataclasses.replace(stage_plan(config, ctx.feed), probe_memory=True)
+    worker = StageWorker(0, ctx.learners[:1], batch_stream(config, ctx.feed), outbox,
+                         records.append, plan, device=torch.device("cpu"))  # fmt: skip
+
+    def spy(run, tracked, device):
+        probed_after.append(worker.trained)
+        return real(run, tracked, device)
+
+    monkeypatch.setattr(stage_module, "tracked_peak_mb", spy)
+
+    def drain() -> None:  # the next stage, computing nothing (MemTracker: one thread at a time)
+        while outbox.get()[0].kind != Kind.END:
+            pass
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+    worker.run()
+    reader.join(60)
+    assert probed_after == [PROBE_BATCH - 1]
+    assert 1 < PROBE_BATCH <= WARMUP_BATCHES  # once the optimizer state exists; untimed
+    assert worker.timed_steps == 2 * 64 // 8 - WARMUP_BATCHES
+    held = outbox.stats()["max_bytes_held"]
+    assert held > 0 and worker.step_tensor_mb is not None and worker.step_tensor_mb > 0
+    (end,) = [r for r in records if isinstance(r, EndRecord)]
+    assert end.step_peak_mb == pytest.approx(worker.step_tensor_mb + held / MIB)

@@ -123,8 +123,8 @@ def markdown(result: dict[str, Any]) -> str:
         ),
         "Measured step: the stage's mean compute of a training step after its 5 warm-up "
         "batches (a replicated stage: the mean of its replicas). Measured peak: MemTracker "
-        "on the real tensors of the stage's 10th training step plus the batches queued in "
-        "its buffers (a replicated stage: the largest replica). Predicted: the planner's "
+        "on the real tensors of the stage's 3rd training step plus the most its buffers "
+        "held (a replicated stage: the largest replica). Predicted: the planner's "
         "block profile and its fake-tensor memory estimate.\n",
     ]
     return "\n".join(lines)

@@ -238,8 +238,8 @@ def _markdown(records: Sequence[Record], summary: dict[str, Any], plots: list[Pa
     if planned:
         lines += ["", "## Plan against measurement", "", *planned, "",
                   "Measured: each stage's mean training-step compute after warm-up, and the "
-                  "tensors of its 10th training step (MemTracker) with the batches queued "
-                  "around it; a stage's replicas are averaged (time) or the largest (memory)."]
+                  "tensors of its 3rd training step (MemTracker) plus the most its buffers "
+                  "held; a stage's replicas are averaged (time) or the largest (memory)."]
     if plots:
         lines += ["", "## Plots", ""]
         lines += [f"![{p.stem.replace('_', ' ')}]({PLOTS_DIR}/{p.name})\n" for p in plots]

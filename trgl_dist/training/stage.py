@@ -39,10 +39,12 @@ log = logging.getLogger(__name__)
 Send = Callable[[Record], Any]
 SaveStage = Callable[[int, int], None]  # (step, epoch): write this stage's checkpoint of that step
 STAGE_RECORD_SECONDS = 2.0
-#: Training batches a stage computes before its step time is measured (the pipeline fills)
-#: and the batch whose step peak memory is measured (buffers in their steady state).
+#: Training batches a stage computes before its step time is measured (the pipeline fills),
+#: and the one of them whose peak memory is measured: tracking every tensor makes that step
+#: several times slower, so it is done while the pipeline fills, once the optimizer state
+#: exists (after the first step), not in the steady state the step time describes.
 WARMUP_BATCHES = 5
-PROBE_BATCH = 10
+PROBE_BATCH = 3
 FORWARDED_MEMORY = 1024  # far more than any buffer holds, so a replayed step is always known
 
 
@@ -60,10 +62,6 @@ class Buffer(Protocol):
 def _on(device: torch.device, t: torch.Tensor) -> torch.Tensor:
     """``t`` on ``device``; from pinned memory the copy does not block the host."""
     return t.to(device, non_blocking=True)
-
-
-def _nbytes(t: torch.Tensor) -> int:
-    return t.numel() * t.element_size()
 
 
 def score_batch(
@@ -135,7 +133,7 @@ class StageWorker:
         self.peak_buffer_bytes = 0
         self.step_timer = timer_for(device)  # the training steps' compute, after warm-up
         self.timed_steps = 0
-        self.step_peak_mb: float | None = None
+        self.step_tensor_mb: float | None = None  # the probed step's own tensors
         self._next_record = time.perf_counter() + STAGE_RECORD_SECONDS
 
     def run(self) -> None:
@@ -172,7 +170,7 @@ class StageWorker:
         x, y = _on(self.device, batch.x), _on(self.device, batch.y)
         for learner in self.learners:
             learner.epoch = self.plan.window_epoch(batch.step)
-        h = self._timed_step(x, y, batch)
+        h = self._timed_step(x, y)
         self.trained += 1
         self.step = self.plan.state_step(batch.step)
         for learner in self.learners:
@@ -189,21 +187,15 @@ class StageWorker:
             self.forwarded.discard(min(self.forwarded))
         return Batch(Kind.TRAIN, batch.step, batch.epoch, h, batch.y, batch.ids)
 
-    def _timed_step(self, x: torch.Tensor, y: torch.Tensor, batch: Batch) -> torch.Tensor:
-        """The trainer on one batch; its compute timed once the pipeline has filled, and
-        at PROBE_BATCH its peak memory measured, with the batches queued around it."""
+    def _timed_step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The trainer on one batch; its compute timed once the pipeline has filled, and at
+        PROBE_BATCH the peak of the step's own tensors measured."""
         if self.trained + 1 == PROBE_BATCH and self.plan.probe_memory:
             tracked: list[torch.nn.Module | torch.optim.Optimizer | torch.Tensor] = [x, y]
             for learner in self.learners:
                 tracked += [learner.module, learner.optimizer]
-            h, peak = tracked_peak_mb(lambda: self.trainer(x, y), tracked, self.device)
-            activations = _nbytes(h) - _nbytes(x)  # the output replaces the input in a batch
-            queued = sum(
-                box.depth * (batch.nbytes() + (activations if box is self.outbox else 0))
-                for box in (self.inbox, self.outbox)
-                if box is not None
-            )
-            self.step_peak_mb = peak + queued / MIB
+            h, self.step_tensor_mb = tracked_peak_mb(lambda: self.trainer(x, y), tracked,
+                                                     self.device)
             return h
         if self.trained < WARMUP_BATCHES:
             return self.trainer(x, y)
@@ -212,6 +204,18 @@ class StageWorker:
         self.step_timer.stop(token)
         self.timed_steps += 1
         return h
+
+    def _step_peak_mb(self) -> float | None:
+        """The measured step's tensors plus the most bytes this stage's buffers have held
+        (the batches queued around a step, at most capacity each side)."""
+        if self.step_tensor_mb is None:
+            return None
+        queued = sum(
+            box.stats().get("max_bytes_held", 0)
+            for box in (self.inbox, self.outbox)
+            if box is not None
+        )
+        return self.step_tensor_mb + queued / MIB
 
     def _score(self, batch: Batch) -> Batch:
         assert batch.x is not None and batch.y is not None
@@ -371,6 +375,6 @@ class StageWorker:
             "step_ms": 1000 * self.step_timer.busy_s() / self.timed_steps
             if self.timed_steps
             else None,
-            "step_peak_mb": self.step_peak_mb,
+            "step_peak_mb": self._step_peak_mb(),
             **link_stats,
         }
