@@ -46,6 +46,12 @@ def test_tiny_run_writes_every_experiment(tmp_path: Path) -> None:
             assert _positive(stage["compute_s_per_step"]) and stage["window"]["steps"] > 0
             for ratio in ("corun_over_alone", "inrun_over_corun"):
                 assert _positive(stage[ratio]), ratio
+            # One (c) run after each standalone repeat; the ratio is the median of the pairs.
+            paired = stage["inrun_over_corun_spread"]
+            assert len(paired["runs"]) == result["method"]["repeats"]
+            assert paired["min"] <= stage["inrun_over_corun"] == paired["median"] <= paired["max"]
+        assert len(c["runs"]) == result["method"]["repeats"]
+        assert c["samples_per_s"] == c["samples_per_s_spread"]["median"]
         assert c["stages"][0]["transport_over_compute"] is not None
     assert per_k["splits"]["equal-time"]["blocks_per_module"] == result["equal_time"]["counts"]["2"]
     schedules = {(d["schedule"], d["microbatches"]) for d in per_k["pipelining"]}  # (d)

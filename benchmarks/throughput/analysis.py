@@ -13,6 +13,7 @@ included), and says so.
 from __future__ import annotations
 
 import json
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -99,4 +100,52 @@ def pipeline_numbers(
         "corun_bound_samples_per_s": corun_bound,
         "efficiency_corun": rate / corun_bound,
         "stages": rows,
+    }
+
+
+def _spread(values: list[float]) -> dict[str, Any]:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values),
+            "runs": values}  # fmt: skip
+
+
+def combine_runs(
+    runs: list[dict[str, Any]], alone: list[dict[str, Any]], corun: list[dict[str, Any]],
+    batch: int,
+) -> dict[str, Any]:
+    """Repeated (c) runs of one (K, split), each as ``pipeline_numbers`` gave it against the
+    standalone repeat just before it: medians over the runs, of the rates and efficiencies
+    and, per stage, of the in-run step and of the paired ratios (their spread kept beside
+    them); ``alone``/``corun``: per stage, the standalone summaries over every repeat."""
+    alone_s = [a["median_s"] for a in alone]
+    corun_s = [c["median_s"] for c in corun]
+    stages = []
+    for s, first in enumerate(runs[0]["stages"]):
+        rows = [run["stages"][s] for run in runs]
+        merged = {
+            key: statistics.median(row[key] for row in rows)
+            if all(isinstance(row[key], int | float) for row in rows)
+            and any(row[key] != value for row in rows) else value
+            for key, value in first.items()
+        }  # fmt: skip
+        for key in ("compute_s_per_step", "inrun_over_corun", "corun_over_alone",
+                    "inrun_over_alone"):  # fmt: skip
+            merged[f"{key}_spread"] = _spread([row[key] for row in rows])
+        merged["alone"], merged["corun"] = alone[s], corun[s]
+        merged["window"] = {**first["window"],
+                            "steps": statistics.median(row["window"]["steps"] for row in rows)}
+        stages.append(merged)
+    med = {key: statistics.median(run[key] for run in runs)
+           for key in ("samples_per_s", "summary_samples_per_s", "efficiency", "efficiency_corun")}
+    return {
+        **med,
+        "samples_per_s_spread": _spread([run["samples_per_s"] for run in runs]),
+        "efficiency_corun_spread": _spread([run["efficiency_corun"] for run in runs]),
+        "measured": runs[0]["measured"],
+        "blocks_per_module": runs[0]["blocks_per_module"],
+        "stage_step_s": alone_s,
+        "corun_step_s": corun_s,
+        "bound_samples_per_s": batch / max(alone_s),
+        "corun_bound_samples_per_s": batch / max(corun_s),
+        "stages": stages,
+        "runs": runs,
     }

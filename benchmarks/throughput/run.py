@@ -26,7 +26,7 @@ HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parents[1]), str(HERE.parent)]
 
 import standalone  # noqa: E402
-from analysis import pipeline_numbers  # noqa: E402
+from analysis import combine_runs, pipeline_numbers  # noqa: E402
 from common import Setting, config_of, measure_and_write  # noqa: E402
 from tables import environment_info, markdown  # noqa: E402
 
@@ -39,7 +39,8 @@ log = logging.getLogger("throughput")
 # steps: per in-process run (a, b) and per (d) schedule. pipeline_steps: per (c) run, for a
 # steady window of well over 100 steps between a stage's records (one every ~2 s) at K=2.
 # Standalone stage steps: `repeats` launches, each with a window of `window_s` seconds (or
-# about `window_steps` steps if longer) per stage alone and one co-run window per (K, split).
+# about `window_steps` steps if longer) per stage alone and one co-run window per (K, split);
+# after each launch, one (c) run of every (K, split).
 PRESETS: dict[str, dict[str, Any]] = {
     "full": {"model": "resnet110", "width": 0, "batch_size": 32, "steps": 48, "warmup": 3,
              "pipeline_steps": 144, "ks": (2, 4), "microbatches": (1, 2, 4), "threads": (1, 2),
@@ -53,6 +54,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 }  # fmt: skip
 RESULTS = HERE / "results"
 TIMEOUT_S = 900.0
+#: The standalone server waits this long for its next repeat: all pipeline runs in between.
+SESSION_TIMEOUT_S = 3600.0
 MIN_MICROBATCH = 4
 
 
@@ -99,37 +102,63 @@ def pipeline_setting(setting: Setting, preset: dict[str, Any]) -> Setting:
     return dataclasses.replace(setting, steps=preset["pipeline_steps"])
 
 
-def standalone_steps(splits: dict[int, dict[str, Setting]], preset: dict[str, Any]) -> dict:
-    """Every stage's standalone step, alone and co-run, for every K and split."""
+def measure_pipelines(
+    splits: dict[int, dict[str, Setting]], preset: dict[str, Any], tmp: Path
+) -> dict[str, dict[str, dict[str, Any]]]:
+    """(c) for every K and split, each run paired with the standalone repeat just before it.
+
+    Repeat r times every stage alone and co-run, then runs every (K, split) pipeline once:
+    in-run / co-run is taken within each repeat, from measurements a few minutes apart,
+    because this kind of machine's speed drifts by tens of percent over minutes (the same
+    single-thread loop runs from 82 to 136 iterations a second within 40 s); a median over
+    the repeats then compares like with like."""
     configs = [
         standalone.Config(f"{k}/{split}", k, asdict(pipeline_setting(setting, preset)))
         for k, by_split in splits.items()
         for split, setting in by_split.items()
     ]
-    return standalone.measure(
-        configs, preset["repeats"], preset["window_s"], preset["window_steps"], TIMEOUT_S
-    )
+    repeats = preset["repeats"]
+    timed = []
+    runs: dict[str, list[dict[str, Any]]] = {c.name: [] for c in configs}
+    with standalone.Session(configs, repeats, SESSION_TIMEOUT_S, tmp / "standalone") as session:
+        for r in range(repeats):
+            timed.append(session.repeat(preset["window_s"], preset["window_steps"]))
+            steps = standalone.combine(timed[-1:])
+            for k, by_split in splits.items():
+                for split, setting in by_split.items():
+                    name, stage = f"{k}/{split}", steps[f"{k}/{split}"]
+                    run_dir = launch.pipeline(
+                        pipeline_setting(setting, preset), tmp / f"c{k}{split}-r{r}", TIMEOUT_S
+                    )
+                    runs[name].append(pipeline_numbers(
+                        run_dir, setting.batch_size, stage["alone"], stage["corun"]
+                    ))  # fmt: skip
+    overall = standalone.combine(timed)
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for k, by_split in splits.items():
+        out[str(k)] = {}
+        for split, setting in by_split.items():
+            name = f"{k}/{split}"
+            numbers = combine_runs(runs[name], overall[name]["alone"], overall[name]["corun"],
+                                   setting.batch_size)  # fmt: skip
+            cores = min(k, os.cpu_count() or 1)
+            numbers["cpu_bound_samples_per_s"] = (
+                setting.batch_size * cores / sum(numbers["stage_step_s"])
+            )
+            out[str(k)][split] = numbers
+    return out
 
 
 def measure_k(
-    k: int, by_split: dict[str, Setting], local: dict, steps: dict, args: argparse.Namespace,
+    k: int, by_split: dict[str, Setting], local: dict, pipelines: dict, args: argparse.Namespace,
     tmp: Path,
 ) -> dict[str, Any]:
-    """(b) from the in-process results; (c) for both splits and (d), launched here."""
+    """(b) from the in-process results, (c) from the interleaved runs, and (d), launched here."""
     preset = PRESETS[args.preset]
     out: dict[str, Any] = {
         "parallel": [local[f"parallel/{k}/{t}"] for t in preset["threads"]],
-        "splits": {},
+        "splits": pipelines[str(k)],
     }
-    for split, setting in by_split.items():
-        stage = steps[f"{k}/{split}"]
-        run = pipeline_setting(setting, preset)
-        run_dir = launch.pipeline(run, tmp / f"c{k}{split}", TIMEOUT_S)
-        numbers = pipeline_numbers(run_dir, setting.batch_size, stage["alone"], stage["corun"])
-        cores = min(k, os.cpu_count() or 1)
-        stage_s = numbers["stage_step_s"]
-        numbers["cpu_bound_samples_per_s"] = setting.batch_size * cores / sum(stage_s)
-        out["splits"][split] = numbers
     # Micro-batches per batch: multiples of K (Schedule1F1B needs at least K), each holding
     # at least MIN_MICROBATCH samples (BatchNorm statistics on 2 samples mean little).
     counts = [f * k for f in preset["microbatches"]]
@@ -176,9 +205,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         local = launch.local(jobs, tmp / "local.json", TIMEOUT_S)
         result["e2e"] = [local[f"e2e/{t}"] for t in preset["threads"]]
         result["e2e_best"] = best(result["e2e"])
-        steps = standalone_steps(splits, preset)
+        pipelines = measure_pipelines(splits, preset, tmp)
         result["per_k"] = {
-            str(k): measure_k(k, by_split, local, steps, args, tmp)
+            str(k): measure_k(k, by_split, local, pipelines, args, tmp)
             for k, by_split in splits.items()
         }
     ratios(result)

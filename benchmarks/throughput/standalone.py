@@ -16,10 +16,12 @@ faults do not come and go with the allocator's history. A stage's time in one re
 mean of its timed steps (the in-pipeline figure is a mean too). Window order alternates
 between repeats.
 
-The slot processes are forked, one fresh set per repeat, by a server process that imported
-torch once (a torch import costs seconds on a busy 2-core machine); the server runs no torch
-operation itself, so a fork inherits no thread pool. Run as a script, this file is that
-server; ``measure`` (and ``SlotLaunch`` for the profiler) is the parent's side.
+The slot processes are forked, one fresh set per repeat when the parent asks for it, by a
+server process that imported torch once (a torch import costs seconds on a busy 2-core
+machine); the server runs no torch operation itself, so a fork inherits no thread pool, and
+between repeats it only sleeps, so the parent can time something else meanwhile (run.py
+runs the pipelines between repeats). Run as a script, this file is that server; ``Session`` (and
+``SlotLaunch`` for the profiler) is the parent's side.
 """
 
 from __future__ import annotations
@@ -33,7 +35,6 @@ import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 import traceback
 from dataclasses import asdict, dataclass
@@ -47,6 +48,8 @@ WARMUP_STEPS = 3
 POLL_S = 0.01
 START_DELAY_S = 0.5  # from writing the schedule to the first window: every slot has read it
 MIN_LEAD_S = 0.05
+IDLE_POLL_S = 0.5  # the server between repeats: rare wake-ups, nothing else timed is disturbed
+LAUNCH_FILE = "launch.json"
 
 
 @dataclass(frozen=True)
@@ -101,12 +104,12 @@ def _stage_step(config: Config, slot: int) -> Any:
     return step
 
 
-def _wait_for(path: Path, timeout: float) -> Any:
+def _wait_for(path: Path, timeout: float, poll: float = POLL_S) -> Any:
     deadline = time.monotonic() + timeout
     while not path.exists():
         if time.monotonic() > deadline:
             raise TimeoutError(f"no {path.name} after {timeout:.0f} s")
-        time.sleep(POLL_S)
+        time.sleep(poll)
     return json.loads(path.read_text())
 
 
@@ -196,7 +199,9 @@ def server(args: argparse.Namespace) -> int:
     configs = [Config(**c) for c in json.loads(args.configs)]
     for repeat in range(args.repeats):
         folder = args.sync / f"r{repeat}"
-        folder.mkdir(parents=True, exist_ok=True)
+        # Fork only when the parent asks: between repeats it may be timing something else
+        # (the pipeline runs), which slots building their models would slow down.
+        _wait_for(folder / LAUNCH_FILE, args.timeout, poll=IDLE_POLL_S)
         pids = [_fork_slot(configs, s, folder, args.timeout) for s in range(args.slots)]
         failed = 0
         for index, pid in enumerate(pids):
@@ -240,7 +245,11 @@ class Server:
             )
 
     def launch(self, repeat: int) -> SlotLaunch:
-        return SlotLaunch(self, self.folder / f"r{repeat}")
+        """Ask the server to fork the slots of ``repeat`` (0, 1, ... in order)."""
+        folder = self.folder / f"r{repeat}"
+        folder.mkdir(parents=True, exist_ok=True)
+        _write_atomic(folder / LAUNCH_FILE, {"repeat": repeat})
+        return SlotLaunch(self, folder)
 
     def check(self, folder: Path) -> None:
         """Raise with the log of a slot that failed, or of the server if it died."""
@@ -352,45 +361,74 @@ def summary(values: list[float]) -> dict[str, Any]:
     }
 
 
-def measure(
-    configs: list[Config],
-    repeats: int,
-    window_s: float,
-    min_steps: int = 0,
-    timeout: float = 600.0,
-) -> dict[str, dict[str, list[dict[str, Any]]]]:
-    """{config: {"alone": [per stage], "corun": [per stage]}}, each entry ``summary`` of the
-    per-repeat means, with the timed step counts. A window lasts ``window_s`` seconds, or
-    longer to hold about ``min_steps`` steps."""
-    slots = max(c.stages for c in configs)
-    means: dict[tuple[str, str, int], list[float]] = {}
-    counts: dict[tuple[str, str, int], list[int]] = {}
-    with tempfile.TemporaryDirectory(prefix="standalone-") as name:
-        server = Server(configs, slots, repeats, Path(name), timeout)
+class Session:
+    """Standalone repeats that the caller may interleave with other measurements: each
+    ``repeat`` forks fresh slots, times every configuration's windows and returns
+    {config: {"alone": [mean s per stage], "corun": [...]}} with the timed step counts."""
+
+    def __init__(self, configs: list[Config], repeats: int, timeout: float, folder: Path):
+        self.configs, self.repeats = configs, repeats
+        self.slots = max(c.stages for c in configs)
+        self.server = Server(configs, self.slots, repeats, folder, timeout)
+        self.done = 0
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
         try:
-            for repeat in range(repeats):
-                began = time.monotonic()
-                launch = server.launch(repeat)
-                launch.start()
-                ready = time.monotonic() - began
-                planned = launch.plan(windows_of(configs, repeat), window_s, min_steps)
-                outputs = launch.finish()
-                log.info("standalone repeat %d/%d: %d processes ready in %.1f s, "
-                         "%d windows in %.1f s", repeat + 1, repeats, slots, ready,
-                         len(planned), time.monotonic() - began - ready)  # fmt: skip
-                _collect(outputs, planned, window_s, means, counts)
-            server.wait()
+            if exc[0] is None and self.done == self.repeats:
+                self.server.wait()
         finally:
-            server.stop()
-    out: dict[str, dict[str, list[dict[str, Any]]]] = {}
-    for config in configs:
-        out[config.name] = {
-            kind: [
-                {**summary(means[(config.name, kind, s)]), "steps": counts[(config.name, kind, s)]}
-                for s in range(config.stages)
-            ]
-            for kind in ("alone", "corun")
+            self.server.stop()
+
+    def repeat(
+        self, window_s: float, min_steps: int = 0
+    ) -> tuple[dict[str, dict[str, list[float]]], dict[str, dict[str, list[int]]]]:
+        """The next repeat (window order alternates with its number): per configuration and
+        kind, each stage's mean step and its number of timed steps."""
+        number, began = self.done, time.monotonic()
+        launch = self.server.launch(number)
+        launch.start()
+        ready = time.monotonic() - began
+        planned = launch.plan(windows_of(self.configs, number), window_s, min_steps)
+        outputs = launch.finish()
+        log.info("standalone repeat %d/%d: %d processes ready in %.1f s, %d windows in %.1f s",
+                 number + 1, self.repeats, self.slots, ready, len(planned),
+                 time.monotonic() - began - ready)  # fmt: skip
+        self.done += 1
+        means: dict[tuple[str, str, int], list[float]] = {}
+        counts: dict[tuple[str, str, int], list[int]] = {}
+        _collect(outputs, planned, window_s, means, counts)
+        per_stage = {
+            c.name: {k: [means[(c.name, k, s)][0] for s in range(c.stages)] for k in KINDS}
+            for c in self.configs
         }
+        steps = {
+            c.name: {k: [counts[(c.name, k, s)][0] for s in range(c.stages)] for k in KINDS}
+            for c in self.configs
+        }
+        return per_stage, steps
+
+
+KINDS = ("alone", "corun")
+
+
+def combine(
+    repeats: list[tuple[dict[str, dict[str, list[float]]], dict[str, dict[str, list[int]]]]],
+) -> dict[str, dict[str, list[dict[str, Any]]]]:
+    """Repeats of ``Session.repeat`` as {config: {kind: [per stage: ``summary`` of the
+    per-repeat means, with the timed step counts]}}."""
+    out: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    for name, kinds in repeats[0][0].items():
+        out[name] = {
+            kind: [
+                {**summary([r[0][name][kind][s] for r in repeats]),
+                 "steps": [r[1][name][kind][s] for r in repeats]}
+                for s in range(len(stages))
+            ]
+            for kind, stages in kinds.items()
+        }  # fmt: skip
     return out
 
 

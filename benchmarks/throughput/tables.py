@@ -130,7 +130,8 @@ def pipeline_rows(result: dict[str, Any]) -> list[list[Any]]:
                 verdicts.append(_verdict(c["c_over_a"] >= t["c_over_a"]) if ok else "")
             rows.append([k, split, c["blocks_per_module"], _f(c["samples_per_s"]),
                          _f(c["bound_samples_per_s"]), _f(c["efficiency"], 2),
-                         _f(c.get("corun_bound_samples_per_s")), _ratio(eff_corun),
+                         _f(c.get("corun_bound_samples_per_s")),
+                         _paired(c.get("efficiency_corun_spread"), eff_corun, 2),
                          _f(c["cpu_bound_samples_per_s"]), _f(c["c_over_a"], 2),
                          _f(c["c_over_d"], 2), *verdicts])  # fmt: skip
     return rows
@@ -145,6 +146,21 @@ def _spread(summary: dict[str, Any] | None) -> str:
     if not summary:
         return "-"
     return f"{_ms(summary['median_s'])} [{_ms(summary['min_s'])}-{_ms(summary['max_s'])}]"
+
+
+def _paired(spread: dict[str, Any] | None, value: float | None, digits: int = 3) -> str:
+    """A median over the runs with its [min-max] (a single value in older results)."""
+    if not spread:
+        return _ratio(value, digits)
+    return (f"{spread['median']:.{digits}f} [{spread['min']:.{digits}f}-"
+            f"{spread['max']:.{digits}f}]")  # fmt: skip
+
+
+def _in_run(stage: dict[str, Any]) -> str:
+    spread = stage.get("compute_s_per_step_spread")
+    if not spread:
+        return _ms(stage["compute_s_per_step"])
+    return f"{_ms(spread['median'])} [{_ms(spread['min'])}-{_ms(spread['max'])}]"
 
 
 def stage_header(result: dict[str, Any]) -> list[str]:
@@ -166,8 +182,9 @@ def stage_rows(result: dict[str, Any]) -> list[list[Any]]:
                 window = s.get("window", {})
                 rows.append([k, split, s["stage"], _spread(s.get("alone")) if "alone" in s
                              else _ms(step_s), _spread(s.get("corun")),
-                             _ms(s["compute_s_per_step"]), _f(window.get("steps"), 0),
-                             _ratio(s.get("corun_over_alone")), _ratio(ratio, 3),
+                             _in_run(s), _f(window.get("steps"), 0),
+                             _ratio(s.get("corun_over_alone")),
+                             _paired(s.get("inrun_over_corun_spread"), ratio),
                              _f(s["busy"], 2), _f(s["wait_in"], 2), _f(s["wait_out"], 2),
                              _ms(s["send_s_per_batch"]), _f(s["transport_over_compute"], 3),
                              verdict])  # fmt: skip
@@ -200,7 +217,15 @@ def _work_line(result: dict[str, Any]) -> str:
     if m:
         line += (
             f" Standalone steps: {m['repeats']} launches, each timing every stage alone and "
-            f"co-run for a window of {m['window_s']} s (at least ~{m['window_steps']} steps)."
+            f"co-run for a window of {m['window_s']} s (at least ~{m['window_steps']} steps)"
+        )
+        paired = any("runs" in c for per_k in result.get("per_k", {}).values()
+                     for c in per_k["splits"].values())
+        line += (
+            f", each launch followed by one (c) run of every (K, split): (c) ran {m['repeats']} "
+            "times, and its figures are medians over those runs, every ratio to a standalone "
+            "step taken within a repeat (in-run/co-run and efficiency (co-run): median "
+            "[min-max] of the paired ratios)." if paired else "."
         )
     if "seconds" in result:
         line += f" Wall time of the benchmark: {result['seconds'] / 60:.1f} min."
@@ -223,6 +248,9 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         "Efficiency = (c) samples/s / (batch / slowest stage's standalone step alone); "
         "efficiency (co-run) = (c) samples/s / (batch / slowest stage's standalone step co-run). "
+        "With repeated (c) runs, (c) samples/s and both efficiencies are medians over the runs, "
+        "each run's efficiency against the standalone repeat just before it; the bounds "
+        "shown are from the medians over all repeats. "
         "The 2-core bound is batch x min(K, cores) / sum of the stages' steps alone. "
         "c/d is against the best (d) of all schedules and micro-batch counts.",
         "",
@@ -233,7 +261,8 @@ def markdown(result: dict[str, Any]) -> str:
         "1 thread, no other stage computing; co-run = the same, with every stage of the "
         "pipeline doing the same at once, one process each (median [min-max] over the "
         "repeats of each repeat's mean step). In-run = the stage's busy seconds per training "
-        "step inside the pipeline over its steady window (window steps: how many). "
+        "step inside the pipeline over its steady window (window steps: how many; median "
+        "[min-max] over the runs). "
         "co-run/alone is the machine's contention; in-run/co-run the runtime's cost. Busy, "
         "wait and send are over the same window; send = the sender thread's seconds per "
         "batch (on Gloo, includes waiting for the peer to post its recv).",
