@@ -47,16 +47,35 @@ def test_a_layout_is_as_fast_as_its_slowest_stage_per_replica():
     assert replicated.bottleneck == 1
 
 
-def test_processes_sharing_too_few_cores_are_stretched_until_the_busiest_is_always_busy():
-    work = _work([0.03, 0.03])
+def test_processes_sharing_too_few_cores_share_them_while_both_are_busy():
     one_core = Machine(1.0, allreduce_mib_per_s=1000.0, allreduce_latency_s=0.0)
-    shared = predict(work, (1, 1), (1, 1), one_core)
+    shared = predict(_work([0.03, 0.03]), (1, 1), (1, 1), one_core)
     assert shared.batches_per_s == pytest.approx(1 / 0.06)  # the core's 1 s / 60 ms of work
     assert [s.step_s for s in shared.stages] == pytest.approx([0.06, 0.06])
     uneven = predict(_work([0.03, 0.01]), (1, 1), (1, 1), one_core)
+    # The core is never idle (stage 0 always has work): 40 ms of work a batch.
     assert uneven.batches_per_s == pytest.approx(1 / 0.04)
-    # stage 0 wants 0.75 of the core: it is busy all the time, each of its steps 40 ms
-    assert [s.step_s for s in uneven.stages] == pytest.approx([0.04, 0.04 / 3])
+    # Stage 1 only computes while stage 0 does too, so at half a core: 10 ms take 20 ms.
+    # Stage 0 has the core alone while stage 1 waits: 30 ms take 40 ms.
+    assert [s.step_s for s in uneven.stages] == pytest.approx([0.04, 0.02])
+
+
+def test_a_light_stage_beside_a_busy_one_on_two_cores_waits_when_all_three_are_busy():
+    two_cores = Machine(2.0, allreduce_mib_per_s=1000.0, allreduce_latency_s=0.0)
+    p = predict(_work([0.08, 0.02, 0.03]), (1, 1, 1), (1, 1, 1), two_cores)
+    step = [s.step_s for s in p.stages]
+    # Each stage's share of a core while busy, from the others' busy fractions (b = rate x
+    # step, stage 0 always busy): a stage waits only while all three are runnable.
+    busy = [min(1.0, p.batches_per_s * t) for t in step]
+    assert busy[0] == pytest.approx(1.0)
+    for s, w in enumerate([0.08, 0.02, 0.03]):
+        both = busy[(s + 1) % 3] * busy[(s + 2) % 3]
+        assert step[s] == pytest.approx(w / (1 - both + both * 2 / 3), rel=1e-6)
+    assert step[1] / 0.02 > step[0] / 0.08  # the light stage stretches more than the heavy
+    # A core per rank: no sharing at all.
+    alone = predict(_work([0.08, 0.02, 0.03]), (1, 1, 1), (1, 1, 1),
+                    Machine(3.0, allreduce_mib_per_s=1000.0, allreduce_latency_s=0.0))
+    assert [s.step_s for s in alone.stages] == pytest.approx([0.08, 0.02, 0.03])
 
 
 def test_memory_holds_the_state_the_largest_step_and_queues_before_the_bottleneck():

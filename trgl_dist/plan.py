@@ -13,16 +13,16 @@ import torch
 from trgl_dist import cli
 from trgl_dist.data import input_spec
 from trgl_dist.errors import ConfigError, UserError, user_message
-from trgl_dist.planning.plan import Plan, machine_for, make_plan, table
-from trgl_dist.planning.profile import profile_side_by_side, side_by_side, usable_cores
+from trgl_dist.planning.plan import Plan, machine_for, make_plan, measured_modules, table
+from trgl_dist.planning.profile import measure_side_by_side, side_by_side, usable_cores
 
 DESCRIPTION = (
-    "Profile each block on the device (processes computing side by side, as in the run) and "
-    "each module's memory (fake tensors, nothing allocated), then choose the modules per "
-    "stage and the replicas per stage of WORLD_SIZE ranks that maximize the predicted "
-    "samples/s under the memory cap. Takes the model, data and pipeline flags of "
-    "trgl_dist.train; run the printed layout with --plan auto, or with the --stage-modules "
-    "and --stage-replicas it prints."
+    "Time each module's training step on the device (processes computing side by side, as in "
+    "the run; each block first for an equal-time split) and each module's memory (fake "
+    "tensors, nothing allocated), then choose the modules per stage and the replicas per "
+    "stage of WORLD_SIZE ranks that maximize the predicted samples/s under the memory cap. "
+    "Takes the model, data and pipeline flags of trgl_dist.train; run the printed layout "
+    "with --plan auto, or with the --stage-modules and --stage-replicas it prints."
 )
 
 
@@ -53,8 +53,10 @@ def plan_for(argv: Sequence[str] | None = None) -> Plan:
     processes = min(side_by_side(world, device), cores)
     logging.info("profiling %s on %s, %d process(es) at once", config.model.name, device,
                  processes)
-    profile = profile_side_by_side(config, spec, device, processes)
-    return make_plan(config, spec, world, profile, machine_for(device, cores),
+    counts, seconds = measured_modules(
+        config, spec, device, lambda measure: measure_side_by_side(measure, processes)
+    )
+    return make_plan(config, spec, world, counts, seconds, machine_for(device, cores),
                      cap if cap is not None else math.inf)
 
 

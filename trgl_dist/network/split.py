@@ -17,7 +17,7 @@ import copy
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -186,18 +186,16 @@ def memory_costs(backbone: Backbone, spec: InputSpec, batch_size: int) -> list[f
 
 @dataclass(frozen=True)
 class TimeProfile:
-    """Forward+backward seconds of each block (stem in block 0) and of a head after it,
-    and the seconds of an SGD update of each (the planner counts them; the equal-time
-    split balances forward and backward only)."""
+    """Forward+backward seconds of each block (stem in block 0) and of a head after it: what
+    the equal-time split balances. (The planner times whole modules instead:
+    planning/profile.py.)"""
 
     blocks: list[float]
     heads: list[float]  # heads[j]: a head (and its loss) on block j's output
-    block_updates: list[float] = field(default_factory=list)
-    head_updates: list[float] = field(default_factory=list)  # of the head after block j
 
 
 def median_seconds(
-    run: Callable[[], None], repeats: int = TIME_REPEATS, device: torch.device = CPU
+    run: Callable[[], object], repeats: int = TIME_REPEATS, device: torch.device = CPU
 ) -> float:
     """Median wall time of ``run`` after a warm-up; on GPU the device is synchronized around
     each run, so the time is the kernels' and not only their launch."""
@@ -225,15 +223,6 @@ def block_pass(layer: nn.Module, x: Tensor) -> Callable[[], None]:
         x.grad = None
 
     return run
-
-
-def update_pass(layer: nn.Module) -> Callable[[], None]:
-    """One SGD update (momentum, weight decay) of ``layer``'s parameters."""
-    params = [p for p in layer.parameters() if p.requires_grad]
-    for p in params:
-        p.grad = torch.ones_like(p)
-    optimizer = torch.optim.SGD(params, lr=0.0, momentum=0.9, weight_decay=5e-4)
-    return optimizer.step
 
 
 def head_pass(head: nn.Module, h: Tensor, num_classes: int) -> Callable[[], None]:
@@ -281,21 +270,16 @@ def _profile(
     x = torch.rand(batch_size, spec.channels, spec.size, spec.size, device=device)
     layers: list[nn.Module] = [backbone.stem, *backbone.blocks]
     seconds: list[float] = []
-    updates: list[float] = []
-    heads: list[tuple[float, float]] = []  # (forward+backward, update) of the head after j
-    by_shape: dict[tuple[int, ...], tuple[float, float]] = {}  # one resolution, one head cost
-    alike: dict[tuple[object, ...], tuple[float, float]] = {}  # blocks that compute the same
+    heads: list[float] = []  # forward+backward of the head after block j
+    by_shape: dict[tuple[int, ...], float] = {}  # one resolution, one head cost
+    alike: dict[tuple[object, ...], float] = {}  # blocks that compute the same
     for index, layer in enumerate(layers):
         probe = copy.deepcopy(layer).to(device).train()
         x = x.detach().requires_grad_(index > 0)  # the data needs no gradient
         kind = (type(layer), tuple(x.shape), *(p.shape for p in layer.parameters()))
         if kind not in alike:
-            alike[kind] = (
-                median_seconds(block_pass(probe, x), repeats, device),
-                median_seconds(update_pass(probe), repeats, device),
-            )
-        seconds.append(alike[kind][0])
-        updates.append(alike[kind][1])
+            alike[kind] = median_seconds(block_pass(probe, x), repeats, device)
+        seconds.append(alike[kind])
         with torch.no_grad():
             out = probe(x)
         x = out[0] if isinstance(probe, Block) else out
@@ -303,18 +287,10 @@ def _profile(
         if index > 0 and shape not in by_shape:
             aux = build_head(head, shape, spec.num_classes, backbone.layout).to(device).train()
             h = x.detach().requires_grad_(True)
-            by_shape[shape] = (
-                median_seconds(head_pass(aux, h, spec.num_classes), repeats, device),
-                median_seconds(update_pass(aux), repeats, device),
-            )
+            by_shape[shape] = median_seconds(head_pass(aux, h, spec.num_classes), repeats, device)
         if index > 0:
             heads.append(by_shape[shape])
-    return TimeProfile(
-        [seconds[0] + seconds[1], *seconds[2:]],
-        [fb for fb, _ in heads],
-        [updates[0] + updates[1], *updates[2:]],
-        [u for _, u in heads],
-    )
+    return TimeProfile([seconds[0] + seconds[1], *seconds[2:]], heads)
 
 
 def block_costs(

@@ -3,13 +3,22 @@ and the layout that maximizes throughput (pure arithmetic, no torch).
 
 A training batch visits every stage once and is handled there by one replica; a stage's
 replicas take turns, so a replica of stage s handles one batch in R_s. Per batch, stage s
-costs ``w_s`` seconds of compute: its modules' forward, backward and update, plus, with
-replicas, one gradient all-reduce. Throughput T (batches/s) is bounded by each stage,
-T <= R_s / w_s, and, where the ranks share CPU cores, by the cores: T <= C / sum_s w_s.
-When the cores bound it, every process gets a share of a core: the busiest replica is
-busy all the time, so each replica's wall time per batch is ``w_s`` stretched by
-1 / max_s(T w_s / R_s). The module times are measured with processes computing side by
-side (profile.py), so the slowdown of two processes sharing memory bandwidth is in them.
+costs ``w_s`` seconds of compute: its modules' training steps, plus, with replicas, one
+gradient all-reduce. With a device per rank (GPU), a replica's step takes ``w_s`` and the
+pipeline runs at T = min_s R_s / w_s batches/s, the pace of its slowest stage.
+
+Where the ranks share C CPU cores, a replica's step is stretched by the time it waits for
+a core. The model is processor sharing, in a mean-field form: replica p is runnable (busy)
+a fraction b_p of the time; while it and n others are runnable it computes at a rate of
+min(1, C / (n + 1)) of a core; taking the others as independent, its step takes
+w_s / E[min(1, C / (1 + N_p))] with N_p the number of the others busy at a random moment
+(a sum of Bernoulli(b_q)). The busy fractions follow from the steps
+(b_p = T w_s stretch_s / R_s, at most 1) and T from the slowest stretched stage, so the
+model is solved as a fixed point. It gives what a mean over one core does not: a light
+stage that shares a core with a busy one waits while the busy one runs, so its steps
+stretch far more than the core's average load says. The module times are measured with
+processes computing side by side (profile.py), so the slowdown of two processes sharing
+memory bandwidth is in them; the model adds the time-sharing.
 
 Memory of a replica: its modules' resident state (parameters, gradients, optimizer state,
 BatchNorm buffers), the largest extra peak of one module's step (activations and the
@@ -139,22 +148,63 @@ def predict(
     """Step time, peak memory and throughput of one layout."""
     ranges = _ranges(stage_modules)
     compute = [work.compute_s(r, n, machine) for r, n in zip(ranges, replicas, strict=True)]
-    per_stage = min(n / w for n, w in zip(replicas, compute, strict=True) if w > 0)
-    rate = min(per_stage, machine.cores / sum(compute)) if sum(compute) > 0 else math.inf
-    busiest = max(rate * w / n for n, w in zip(replicas, compute, strict=True))
-    stretch = max(1.0, 1.0 / busiest) if rate < per_stage * (1 - 1e-9) else 1.0
-    bottleneck = max(range(len(ranges)), key=lambda s: compute[s] / replicas[s])
+    stretch = shared_cores(compute, replicas, machine.cores)
+    steps = [w * f for w, f in zip(compute, stretch, strict=True)]
+    rate = min((n / t for n, t in zip(replicas, steps, strict=True) if t > 0), default=math.inf)
+    bottleneck = max(range(len(ranges)), key=lambda s: steps[s] / replicas[s])
     stages = tuple(
         StagePrediction(
             modules=r,
             replicas=n,
-            step_s=w * stretch,
+            step_s=t,
             compute_s=w,
             peak_mib=work.resident_mib(r, n) + _queued_mib(work, r, s, bottleneck, len(ranges)),
         )
-        for s, (r, n, w) in enumerate(zip(ranges, replicas, compute, strict=True))
+        for s, (r, n, w, t) in enumerate(zip(ranges, replicas, compute, steps, strict=True))
     )
     return Prediction(stages, rate, work.batch_size, bottleneck)
+
+
+#: The fixed point of ``shared_cores``: iterations at most, and the change that ends them.
+SHARING_ITERATIONS = 200
+SHARING_TOLERANCE = 1e-9
+
+
+def shared_cores(compute: Sequence[float], replicas: Sequence[int], cores: float) -> list[float]:
+    """Per stage, the factor by which time-sharing ``cores`` stretches a replica's step
+    (1.0 each when every rank has a device of its own; see the module docstring)."""
+    stretch = [1.0] * len(compute)
+    if math.isinf(cores) or sum(replicas) <= cores or not any(compute):
+        return stretch
+    for _ in range(SHARING_ITERATIONS):
+        steps = [w * f for w, f in zip(compute, stretch, strict=True)]
+        rate = min(n / t for n, t in zip(replicas, steps, strict=True) if t > 0)
+        busy = [min(1.0, rate * t / n) for n, t in zip(replicas, steps, strict=True)]
+        # Every replica of stage s is busy busy[s] of the time.
+        processes = [b for b, n in zip(busy, replicas, strict=True) for _ in range(n)]
+        new = []
+        for b in busy:
+            others = list(processes)
+            others.remove(b)  # this replica itself
+            new.append(1.0 / _mean_share(others, cores))
+        moved = max(abs(a - b) for a, b in zip(new, stretch, strict=True))
+        stretch = [0.5 * (a + b) for a, b in zip(new, stretch, strict=True)]  # damped
+        if moved < SHARING_TOLERANCE:
+            break
+    return stretch
+
+
+def _mean_share(others: Sequence[float], cores: float) -> float:
+    """E[min(1, cores / (1 + N))], N the number of ``others`` busy, each independently with
+    its probability: the share of a core a busy process gets on average."""
+    counts = [1.0]  # counts[n]: the probability that n of the others are busy
+    for b in others:
+        counts = [
+            (counts[n] if n < len(counts) else 0.0) * (1 - b)
+            + (counts[n - 1] * b if n > 0 else 0.0)
+            for n in range(len(counts) + 1)
+        ]
+    return sum(p * min(1.0, cores / (1 + n)) for n, p in enumerate(counts))
 
 
 def _queued_mib(work: Workload, modules: range, stage: int, bottleneck: int, stages: int) -> float:

@@ -3,9 +3,10 @@ and the table of predicted step time, peak memory and throughput per stage."""
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +27,7 @@ from trgl_dist.planning.model import (
     predict,
     search,
 )
+from trgl_dist.planning.profile import Measure, as_time_profile, block_profile, module_steps
 from trgl_dist.training.build import backbone_for, split_for
 from trgl_dist.training.memory import MIB
 
@@ -63,12 +65,22 @@ def machine_for(device: torch.device, cores: float | None = None) -> Machine:
     return Machine(shared, bandwidth, latency)
 
 
-def block_counts(config: Config, spec: InputSpec, profile: TimeProfile) -> tuple[int, ...]:
-    """Blocks per module: explicit counts, an equal-time split from ``profile``, or the
-    configured split (which measures nothing)."""
+def needs_block_profile(config: Config) -> bool:
+    """Whether the blocks per module come from measured block times (an equal-time split
+    not yet made explicit)."""
+    return config.model.split == "equal-time" and not config.model.split_counts
+
+
+def block_counts(
+    config: Config, spec: InputSpec, profile: TimeProfile | None = None
+) -> tuple[int, ...]:
+    """Blocks per module: explicit counts, an equal-time split from ``profile`` (see
+    ``needs_block_profile``), or the configured split (which measures nothing)."""
     m = config.model
-    if m.split_counts or m.split != "equal-time":
+    if not needs_block_profile(config):
         return tuple(split_for(config, backbone_for(m, spec), spec))
+    if profile is None:
+        raise ValueError("an equal-time split needs the block profile")
     try:
         check_feasible(len(profile.blocks), m.modules, m.name)
         return tuple(balanced_partition(profile.blocks, m.modules, tails=profile.heads))
@@ -76,25 +88,31 @@ def block_counts(config: Config, spec: InputSpec, profile: TimeProfile) -> tuple
         raise ConfigError(f"model.split: {err}") from None
 
 
-def module_seconds(profile: TimeProfile, counts: Sequence[int]) -> list[float]:
-    """Each module's training step: its blocks' forward, backward and update, and those
-    of its head (after its last block)."""
-    starts = list(itertools.accumulate(counts, initial=0))
-    out = []
-    for a, b in itertools.pairwise(starts):
-        blocks = sum(profile.blocks[a:b]) + sum(profile.block_updates[a:b])
-        out.append(blocks + profile.heads[b - 1] + profile.head_updates[b - 1])
-    return out
+def measured_modules(
+    config: Config, spec: InputSpec, device: torch.device,
+    measure: Callable[[Measure], list[float]],
+) -> tuple[tuple[int, ...], list[float]]:
+    """Blocks per module and each module's step seconds, measured through ``measure`` (side
+    by side in fresh processes, or on the run's ranks): the block profile first when the
+    split is an equal-time one still to be made, then every module's training step."""
+    profile = None
+    if needs_block_profile(config):
+        profile = as_time_profile(measure(functools.partial(block_profile, config, spec,
+                                                            str(device))))  # fmt: skip
+    counts = block_counts(config, spec, profile)
+    seconds = measure(functools.partial(module_steps, config, spec, counts, str(device)))
+    return counts, seconds
 
 
 def workload(
-    config: Config, spec: InputSpec, counts: Sequence[int], profile: TimeProfile
+    config: Config, spec: InputSpec, counts: Sequence[int], seconds: Sequence[float]
 ) -> Workload:
+    """The modules' measured step ``seconds`` and fake-tensor memory, and the batch."""
     batch = config.data.batch_size
     memory = module_memory(config, spec, counts, batch)
     costs = tuple(
         ModuleCost(t, m.state_mib, m.step_mib, m.grad_mib, m.out_mib)
-        for t, m in zip(module_seconds(profile, counts), memory, strict=True)
+        for t, m in zip(seconds, memory, strict=True)
     )
     data = batch * spec.channels * spec.size * spec.size * 4 + 2 * batch * 8
     return Workload(costs, batch, config.pipeline.buffer_size, data / MIB)
@@ -104,15 +122,17 @@ def make_plan(
     config: Config,
     spec: InputSpec,
     world_size: int,
-    profile: TimeProfile,
+    counts: Sequence[int],
+    seconds: Sequence[float],
     machine: Machine,
     memory_cap_mib: float = math.inf,
 ) -> Plan:
-    """The layout for ``world_size`` ranks: the planner's choice with ``--plan auto``;
-    otherwise the configured replicas, with the stages' modules balanced by time
-    (``time``), spread evenly (``even``) or as given (``--stage-modules``)."""
-    counts = block_counts(config, spec, profile)
-    work = workload(config, spec, counts, profile)
+    """The layout for ``world_size`` ranks of the modules of ``counts`` blocks whose steps
+    take ``seconds``: the planner's choice with ``--plan auto``; otherwise the configured
+    replicas, with the stages' modules balanced by time (``time``), spread evenly
+    (``even``) or as given (``--stage-modules``)."""
+    counts = tuple(counts)
+    work = workload(config, spec, counts, seconds)
     p = config.pipeline
     if p.plan == "auto":
         found = search(work, world_size, machine, memory_cap_mib)

@@ -16,8 +16,8 @@ from trgl_dist.config import Config
 from trgl_dist.data import input_spec
 from trgl_dist.errors import CheckpointError, UserError, user_message
 from trgl_dist.layout import Layout
-from trgl_dist.planning.plan import machine_for, make_plan, table
-from trgl_dist.planning.profile import profile_on_ranks, side_by_side, usable_cores
+from trgl_dist.planning.plan import machine_for, make_plan, measured_modules, table
+from trgl_dist.planning.profile import Measure, measure_on_ranks, side_by_side, usable_cores
 from trgl_dist.runtime import topology as topo
 from trgl_dist.runtime.link import PeerFailure
 
@@ -76,10 +76,14 @@ def agree_on_plan(config: Config, topology: topo.Topology) -> tuple[Config, Layo
     if topology.is_rank_zero:
         log.info("profiling %s on %s, %d rank(s) at once", config.model.name, topology.device,
                  profilers)
-    profile = together(
-        topology,
-        lambda: profile_on_ranks(config, spec, topology.device, topology.control_world,
-                                 topology.local_rank, profilers),
+
+    def on_ranks(measure: Measure) -> list[float]:
+        return together(topology, lambda: measure_on_ranks(
+            measure, topology.control_world, topology.local_rank, profilers
+        ))  # fmt: skip
+
+    counts, seconds = together(
+        topology, lambda: measured_modules(config, spec, topology.device, on_ranks)
     )
     message: dict[str, Any] = {}
     failure: UserError | None = None
@@ -87,7 +91,7 @@ def agree_on_plan(config: Config, topology: topo.Topology) -> tuple[Config, Layo
         nodes = max(1, topology.world_size // max(topology.local_world_size, 1))
         machine = machine_for(topology.device, usable_cores() * nodes)
         try:
-            plan = make_plan(config, spec, topology.world_size, profile, machine)
+            plan = make_plan(config, spec, topology.world_size, counts, seconds, machine)
             message = {"plan": plan.as_dict()}
             log.info("plan (%s):\n%s", config.pipeline.plan, table(plan))
         except UserError as err:
