@@ -119,6 +119,16 @@ def rank_process(launcher: psutil.Process, rank: int) -> psutil.Process | None:
     return None
 
 
+def loading_torch(process: psutil.Process) -> bool:
+    """Whether ``process`` has torch's library mapped: past the interpreter's own start-up
+    (a signal there is Python's fatal error, before any code of ours runs), inside
+    ``trgl_dist.train``, whose handlers are installed before it imports torch."""
+    try:
+        return any("libtorch" in Path(m.path).name for m in process.memory_maps())
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return False
+
+
 def our_output(output: str) -> str:
     """The output without torchrun's own tracebacks (its ChildFailedError when a worker
     exits non-zero, its SignalException on Ctrl-C). Any other traceback stays."""

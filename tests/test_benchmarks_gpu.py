@@ -45,7 +45,9 @@ def test_cpu_check_passes_and_writes_every_check(tmp_path: Path) -> None:
     results = tmp_path / "results"
     args = ["--cpu", "--work-dir", str(tmp_path / "work"), "--results-dir", str(results)]
     code, out, err = _run([*args, "--budget", str(BUDGET_S)])
-    assert code == 0, out[-3000:] + err[-3000:]
+    killed_log = tmp_path / "work" / "killed.log"
+    said = killed_log.read_text()[-3000:] if killed_log.exists() else ""
+    assert code == 0, out[-3000:] + err[-3000:] + said
     lines = out.splitlines()
     verdicts = [line for line in lines if line.startswith(("PASS ", "FAIL "))]
     assert [line.split(":")[0] for line in verdicts] == [f"PASS {c}" for c in CHECKS], out

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import signal
 import time
 import tomllib
@@ -11,7 +12,7 @@ import tomllib
 import psutil
 import pytest
 
-from tests.launcher import our_output, rank_process, torchrun
+from tests.launcher import loading_torch, our_output, rank_process, torchrun
 from trgl_dist.metrics.records import EvalRecord, TrainRecord, read_records
 from trgl_dist.runtime.watchdog import COORDINATOR_SILENCE_S
 
@@ -90,6 +91,35 @@ def test_a_killed_or_frozen_middle_rank_stops_every_process_and_is_named(tmp_pat
     assert f"trgl_dist: training failed: {line}" in launch.output, launch.output
     summary = json.loads((out / "summary.json").read_text())
     assert summary["failure"]["rank"] == 1 and summary["failure"]["cause"] == cause
+    assert launch.survivors() == []
+
+
+def test_loader_workers_stopped_with_their_rank_are_not_the_cause(tmp_path):
+    """torchrun answers a dead rank with SIGTERM to every other rank's process group, which
+    holds that rank's data-loader workers too: their deaths are part of the stop, not an
+    error of stage 0's (which would then be named instead of the dead rank)."""
+    out = tmp_path / "run"
+    ready = _stage_trained(out)
+    stopped: list[int] = []
+
+    def kill_1_and_stop_0(launcher, elapsed):
+        if not ready():
+            return False
+        victim, first = rank_process(launcher, 1), rank_process(launcher, 0)
+        assert victim is not None and first is not None
+        assert first.children(), "stage 0 has no loader workers"
+        victim.send_signal(signal.SIGKILL)
+        os.killpg(os.getpgid(first.pid), signal.SIGTERM)
+        stopped.append(first.pid)
+        return True
+
+    args = [*SMALL, "--modules", "3", "--epochs", "50", "--synthetic-train", "2048",
+            "--workers", "2", "--link-timeout", str(LINK_TIMEOUT_S)]
+    launch = torchrun(3, [*args, "--out", str(out)], during=kill_1_and_stop_0)
+    assert stopped, launch.output
+    assert "trgl_dist: training failed: stage 1 (rank 1) died" in launch.output, launch.output
+    ours = our_output(launch.output)
+    assert "Traceback" not in ours and "Exception ignored" not in ours, launch.output
     assert launch.survivors() == []
 
 
@@ -186,7 +216,7 @@ def test_a_lost_coordinator_stops_every_rank_in_one_line(tmp_path, how):
 def test_ctrl_c_while_the_ranks_start_is_one_line_and_leaves_nothing_running(tmp_path):
     def interrupt_once_joined(launcher, elapsed):
         ranks = [rank_process(launcher, r) for r in (0, 1)]
-        if any(r is None for r in ranks) or elapsed < 3:
+        if not all(r is not None and loading_torch(r) for r in ranks) or elapsed < 3:
             return False
         launcher.send_signal(signal.SIGINT)
         return True

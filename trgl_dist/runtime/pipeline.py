@@ -67,7 +67,15 @@ def _start(config: Config, topology: topo.Topology, resume: Resume | None) -> St
 
 def _on_sigterm(signum: int, frame: FrameType | None) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # once: teardown must not be interrupted
+    _stopping()
     raise Interrupted("stopped by SIGTERM")
+
+
+def _stopping() -> None:
+    """The rank is on its way out. The launcher's SIGTERM goes to the rank's whole process
+    group, its data-loader workers too; torch's SIGCHLD handler would raise their deaths
+    in whatever the rank does next (as an error of its own, or as a traceback at exit)."""
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
 
 
 @dataclass
@@ -258,6 +266,7 @@ def _failed(
 ) -> int:
     """Report a failure to the coordinator; only a rank's own error is printed here (the
     coordinator names the root cause once for the whole run)."""
+    _stopping()
     rank = topology.rank if topology is not None else int(os.environ.get("RANK", "0"))
     if isinstance(err, StartFailed):
         return 2
