@@ -58,6 +58,8 @@ def _stage_trained(out):
 
 
 LINK_TIMEOUT_S = 8
+#: A 3-stage run far longer than any test lets it go.
+THREE_STAGES = [*SMALL, "--modules", "3", "--epochs", "50", "--synthetic-train", "2048"]
 
 
 @pytest.mark.parametrize(
@@ -81,8 +83,7 @@ def test_a_killed_or_frozen_middle_rank_stops_every_process_and_is_named(tmp_pat
         signalled_at.append(elapsed)
         return True
 
-    args = [*SMALL, "--modules", "3", "--epochs", "50", "--synthetic-train", "2048",
-            "--link-timeout", str(LINK_TIMEOUT_S)]
+    args = [*THREE_STAGES, "--link-timeout", str(LINK_TIMEOUT_S)]
     launch = torchrun(3, [*args, "--out", str(out)], during=signal_rank_1)
     assert signalled_at, launch.output
     assert launch.code != 0
@@ -113,8 +114,7 @@ def test_loader_workers_stopped_with_their_rank_are_not_the_cause(tmp_path):
         stopped.append(first.pid)
         return True
 
-    args = [*SMALL, "--modules", "3", "--epochs", "50", "--synthetic-train", "2048",
-            "--workers", "2", "--link-timeout", str(LINK_TIMEOUT_S)]
+    args = [*THREE_STAGES, "--workers", "2", "--link-timeout", str(LINK_TIMEOUT_S)]
     launch = torchrun(3, [*args, "--out", str(out)], during=kill_1_and_stop_0)
     assert stopped, launch.output
     assert "trgl_dist: training failed: stage 1 (rank 1) died" in launch.output, launch.output
@@ -154,7 +154,7 @@ def test_a_killed_launcher_takes_every_rank_and_the_coordinator_with_it(tmp_path
         launcher.send_signal(signal.SIGKILL)
         return True
 
-    args = [*SMALL, "--modules", "3", "--epochs", "50", "--synthetic-train", "2048"]
+    args = THREE_STAGES
     launch = torchrun(3, [*args, "--out", str(out)], during=kill_torchrun, kill_at_end=False)
     try:
         assert launch.code == -signal.SIGKILL
@@ -190,7 +190,7 @@ def test_a_lost_coordinator_stops_every_rank_in_one_line(tmp_path, how):
         hit.append((coordinator, time.monotonic()))
         return True
 
-    args = [*SMALL, "--modules", "3", "--epochs", "50", "--synthetic-train", "2048"]
+    args = THREE_STAGES
     launch = torchrun(3, [*args, "--out", str(out)], during=stop_the_coordinator,
                       kill_at_end=False)
     try:
