@@ -26,6 +26,7 @@ from trgl_dist.metrics.coordinator import (
     start_coordinator,
     stop_coordinator,
 )
+from trgl_dist.metrics.failure import NodeRanks
 from trgl_dist.metrics.records import ErrorRecord, TrainRecord, read_records, to_dict
 
 REPO = Path(__file__).resolve().parents[1]
@@ -429,6 +430,65 @@ def test_a_silent_rank_is_frozen_and_every_rank_is_told_to_abort(
     assert abort[2:] == [b"1", b"frozen"] and b"stopped responding" in abort[1]
     line = "trgl_dist: training failed: stage 1 (rank 1) stopped responding: nothing heard"
     assert any(x.startswith(line) for x in capfd.readouterr().err.splitlines())
+
+
+@pytest.fixture
+def stopped_rank() -> Iterator[subprocess.Popen[bytes]]:
+    """A stand-in for a SIGSTOPped rank 1: this process's child, as a rank is its launcher's."""
+    child = subprocess.Popen(["sleep", "600"])
+    child.send_signal(signal.SIGSTOP)
+    yield child
+    child.kill()
+    child.wait()
+
+
+def test_a_silent_rank_on_the_coordinators_node_is_killed_when_judged_frozen(
+    tmp_path: Path, coordinators: list[Any]
+) -> None:
+    """Silent for the timeout, stopped or not (a stuck process), it is judged frozen and
+    killed; a stopped one would otherwise hold the launcher for its grace period."""
+    silent = subprocess.Popen(["sleep", "600"])  # running, but never heard from
+    try:
+        node = NodeRanks({1: silent.pid}, launcher_pid=os.getpid())
+        address = start(tmp_path, coordinators, world_size=2, silence_timeout_s=2.0, node=node)
+        client = MetricsClient(address, rank=0, secret=SECRET)
+        deadline = time.monotonic() + DEADLINE_S
+        while coordinators[-1].is_alive() and time.monotonic() < deadline:
+            client.heartbeat()  # rank 0 is alive: rank 1 is the silent one
+            time.sleep(0.2)
+        client.close()
+        assert exit_code(coordinators) == 1
+        assert silent.wait(10) == -signal.SIGKILL
+    finally:
+        silent.kill()
+        silent.wait()
+    failure = summary_of(tmp_path)["failure"]
+    assert (failure["rank"], failure["cause"]) == (1, "frozen")
+
+
+def test_a_stopped_rank_is_the_frozen_cause_even_if_its_neighbours_ended_first(
+    tmp_path: Path, coordinators: list[Any], stopped_rank: subprocess.Popen[bytes]
+) -> None:
+    """Rank 0's own link timeout ended it before the silence timeout named rank 1."""
+    node = NodeRanks({1: stopped_rank.pid}, launcher_pid=os.getpid())
+    address = start(tmp_path, coordinators, world_size=2, silence_timeout_s=600.0, node=node)
+    send_from_child(address, [error(0, "peer-lost", 1, "send to rank 1 timed out")])
+    assert exit_code(coordinators) == 1
+    assert stopped_rank.wait(10) == -signal.SIGKILL
+    failure = summary_of(tmp_path)["failure"]
+    assert (failure["rank"], failure["cause"]) == (1, "frozen")
+    why = "its process is stopped (SIGSTOP?)"
+    assert failure["message"] == f"stage 1 (rank 1) stopped responding: {why}"
+
+
+def test_a_pid_that_is_not_the_launchers_child_is_never_killed(
+    tmp_path: Path, coordinators: list[Any], stopped_rank: subprocess.Popen[bytes]
+) -> None:
+    """The pid of a rank that ended may name another process by now: left alone."""
+    node = NodeRanks({1: stopped_rank.pid}, launcher_pid=os.getppid())
+    start(tmp_path, coordinators, world_size=2, silence_timeout_s=2.0, node=node)
+    assert exit_code(coordinators) == 1
+    assert psutil.Process(stopped_rank.pid).status() == psutil.STATUS_STOPPED
 
 
 def test_the_coordinator_never_preempts_a_ranks_compute(

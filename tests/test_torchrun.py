@@ -87,7 +87,7 @@ def test_a_killed_or_frozen_middle_rank_stops_every_process_and_is_named(tmp_pat
     launch = torchrun(3, [*args, "--out", str(out)], during=signal_rank_1)
     assert signalled_at, launch.output
     assert launch.code != 0
-    assert launch.seconds - signalled_at[0] < LINK_TIMEOUT_S + 30
+    assert launch.seconds - signalled_at[0] < LINK_TIMEOUT_S + 30, launch.output
     cause, line = named
     assert f"trgl_dist: training failed: {line}" in launch.output, launch.output
     summary = json.loads((out / "summary.json").read_text())

@@ -22,7 +22,7 @@ from trgl_dist.errors import CheckpointError, StorageError
 from trgl_dist.layout import Layout
 from trgl_dist.metrics.client import DEFAULT_MAX_MESSAGE_BYTES, HEARTBEAT, signature
 from trgl_dist.metrics.closing import close_run
-from trgl_dist.metrics.failure import Failure, diagnose_failure, reporters
+from trgl_dist.metrics.failure import Failure, NodeRanks, diagnose_failure, reporters
 from trgl_dist.metrics.progress import ProgressLine
 from trgl_dist.metrics.records import (
     CheckpointRecord,
@@ -117,6 +117,7 @@ class Collector:
         self.heard = dict.fromkeys(range(shape.world_size), self.last_record_at)
         self.clocks = ClockOffsets()  # each rank's, from its heartbeats: for the trace
         self.frozen: Failure | None = None
+        self.node = NodeRanks()  # the ranks on this node: a frozen one is SIGKILLed here
         self.storage: Failure | None = None  # the run directory could not be written
 
     def run(self) -> int:
@@ -302,13 +303,25 @@ class Collector:
         ]
         if not silent:
             return
-        rank = silent[0]
-        description = (
-            f"{self.shape.layout.describe(rank)} stopped responding: nothing "
-            f"heard for {limit:.0f} s (frozen? --link-timeout)"
-        )
+        self._freeze(silent[0], f"nothing heard for {limit:.0f} s (frozen? --link-timeout)", now)
+
+    def _check_stopped(self, now: float) -> None:
+        """A rank of this node that is stopped (SIGSTOP) is frozen, silence timeout or not:
+        its neighbours may have ended on their own link timeouts first."""
+        silent = set(range(self.shape.world_size)) - reporters(self.reports)
+        stopped = [rank for rank in sorted(silent) if self.node.is_stopped(rank)]
+        if stopped and self.frozen is None:
+            self._freeze(stopped[0], "its process is stopped (SIGSTOP?)", now)
+        for rank in stopped:
+            self.node.kill(rank)
+
+    def _freeze(self, rank: int, why: str, now: float) -> None:
+        """Judge ``rank`` frozen; stop it at once if it runs here (the others' watchdogs
+        stop it on theirs once told), since nothing else will."""
+        description = f"{self.shape.layout.describe(rank)} stopped responding: {why}"
         self.frozen = Failure(self.shape.stage_of(rank), rank, "frozen", description)
         logger.info("%s; gathering reports", description)
+        self.node.kill(rank)
         if self.first_error_at is None:
             self.first_error_at = now
 
@@ -332,6 +345,7 @@ class Collector:
         return (Failure(None, None, "idle", description),)
 
     def _diagnose(self) -> Failure:
+        self._check_stopped(time.monotonic())
         failure = diagnose_failure(self.reports, self.shape.layout)
         if self.storage is not None and (failure is None or failure.cause != "exception"):
             return self.storage

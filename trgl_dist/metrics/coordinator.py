@@ -21,6 +21,7 @@ import zmq
 
 from trgl_dist.errors import CoordinatorError
 from trgl_dist.metrics.collector import Collector, CoordinatorSettings, RunShape
+from trgl_dist.metrics.failure import NodeRanks
 from trgl_dist.metrics.runlog import RunLog
 from trgl_dist.scheduling import run_in_background
 
@@ -50,6 +51,7 @@ class CoordinatorJob:
     extra: dict[str, Any] = field(default_factory=dict)  # added to summary.json (JSON values)
     # {"meta": ..., "keep": N}: write a step's manifest once every stage saved it
     checkpoints: dict[str, Any] | None = None
+    node: NodeRanks = field(default_factory=NodeRanks)  # the ranks it may stop when frozen
 
 
 @dataclass(frozen=True)
@@ -138,6 +140,7 @@ def _job_json(
             "append": job.append,
             "extra": job.extra,
             "checkpoints": job.checkpoints,
+            "node": dataclasses.asdict(job.node),
             "settings": dataclasses.asdict(settings),
             "parent_pid": parent_pid,
             "ready_fd": ready_fd,
@@ -231,6 +234,7 @@ def run_coordinator(
         state = Collector(runlog, sock, job.shape, job.secret, settings, parent_pid, broadcast)
         state.extra = dict(job.extra)
         state.checkpoints = job.checkpoints
+        state.node = job.node
         return state.run()
     finally:
         if broadcast is not None:
@@ -260,6 +264,10 @@ def _main() -> int:
         append=spec["append"],
         extra=spec["extra"],
         checkpoints=spec["checkpoints"],
+        node=NodeRanks(
+            {int(rank): pid for rank, pid in spec["node"]["pids"].items()},
+            spec["node"]["launcher_pid"],
+        ),
     )
     ready_fd = int(spec["ready_fd"])
 

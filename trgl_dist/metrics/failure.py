@@ -1,11 +1,15 @@
-"""How a run ended badly: the root cause among the ranks' reports, in one line for people."""
+"""How a run ended badly: the root cause among the ranks' reports, in one line for people;
+and the frozen ranks that must be stopped for the run to end."""
 
 from __future__ import annotations
 
+import contextlib
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+import psutil
 
 from trgl_dist.layout import Layout
 from trgl_dist.metrics.records import EndRecord, ErrorRecord, Record, of_kind
@@ -73,3 +77,39 @@ def diagnose_failure(records: Sequence[Record], layout: Layout | None = None) ->
     first = next((e for e in errors if e.cause != "interrupted"), errors[0])
     description = f"{where(first.rank, first.stage)} {first.cause}: {first.message}"
     return Failure(first.stage, first.rank, first.cause, description, first.message)
+
+
+@dataclass(frozen=True)
+class NodeRanks:
+    """The ranks running on this node, by pid, and the launcher that started them: the
+    processes one may SIGKILL here when they freeze. A SIGSTOPped rank ignores the
+    launcher's SIGTERM until it is continued, so the launcher would wait out its whole grace
+    period for it (30 s for torchrun)."""
+
+    pids: dict[int, int] = field(default_factory=dict)  # rank -> pid
+    launcher_pid: int | None = None
+
+    def _process(self, rank: int) -> psutil.Process | None:
+        """The rank's process, if it is still the launcher's child (its pid not reused)."""
+        pid = self.pids.get(rank)
+        if pid is None or self.launcher_pid is None:
+            return None
+        try:
+            process = psutil.Process(pid)
+            return process if process.ppid() == self.launcher_pid else None
+        except psutil.Error:
+            return None
+
+    def is_stopped(self, rank: int) -> bool:
+        process = self._process(rank)
+        try:
+            return process is not None and process.status() == psutil.STATUS_STOPPED
+        except psutil.Error:
+            return False
+
+    def kill(self, rank: int) -> None:
+        """SIGKILL the rank; harmless if it has already ended."""
+        process = self._process(rank)
+        if process is not None:
+            with contextlib.suppress(psutil.Error):
+                process.kill()  # psutil checks the pid still names the same process

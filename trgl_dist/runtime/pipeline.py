@@ -28,7 +28,7 @@ from trgl_dist.runtime.allocator import keep_freed_memory
 from trgl_dist.runtime.link import PeerFailure
 from trgl_dist.runtime.planes import warm_links
 from trgl_dist.runtime.startup import StartFailed, agree_on_plan, broadcast_json, together
-from trgl_dist.runtime.watchdog import Watchdog
+from trgl_dist.runtime.watchdog import Watchdog, node_ranks
 from trgl_dist.runtime.wiring import Stage, build_stage, run_stage
 from trgl_dist.training.snapshot import Resume, restore, save_modules
 
@@ -244,6 +244,7 @@ def _start_coordinator(
             "prediction": prediction,
         },
         checkpoints={"meta": stage.meta, "keep": config.train.keep_checkpoints},
+        node=node_ranks(topology),
     )
     services.coordinator, addresses = start_coordinator(job, connect_host=connect_host)
     log.info(

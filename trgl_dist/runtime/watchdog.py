@@ -4,7 +4,8 @@ Links alone cannot see everything: a SIGSTOPped peer keeps its sockets open, NCC
 notices a dead peer, a killed launcher leaves its workers running, and a main thread inside
 a CUDA synchronization cannot run a signal handler. One thread per rank covers all of it:
 - every second it sends a heartbeat; the coordinator declares a rank silent for
-  ``--link-timeout`` seconds frozen and tells every rank to stop;
+  ``--link-timeout`` seconds frozen, SIGKILLs it if it runs on the coordinator's node, and
+  tells every rank to stop;
 - it listens to the coordinator: "abort" (the run failed: exit at once; if the rank to
   blame shares this node, SIGKILL it first, since a stopped process ignores the launcher's
   SIGTERM), "done" (the run ended: stand down), "alive" (its heartbeat);
@@ -17,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import signal
 import sys
 import threading
 import time
@@ -28,6 +28,7 @@ import zmq
 from trgl_dist.metrics.client import MetricsClient
 from trgl_dist.metrics.collector import ABORT, DONE
 from trgl_dist.metrics.coordinator import CoordinatorProcess
+from trgl_dist.metrics.failure import NodeRanks
 from trgl_dist.runtime.topology import Topology
 
 logger = logging.getLogger(__name__)
@@ -58,7 +59,7 @@ class Watchdog(threading.Thread):
         # last reference (a ProcessGroup destroyed by a daemon thread at interpreter exit
         # aborts the process).
         self.rank = topology.rank
-        self.placements = topology.placements
+        self.node = node_ranks(topology)
         self.coordinator = coordinator  # rank 0's child: waited for before rank 0 exits
         self.coordinator_silence_s = coordinator_silence_s
         self.parent_pid = os.getppid()
@@ -115,23 +116,12 @@ class Watchdog(threading.Thread):
         culprit = int(detail[1]) if len(detail) > 2 and detail[1] else None
         frozen = len(detail) > 2 and detail[2] == b"frozen"
         if frozen and culprit is not None and culprit != self.rank:
-            self._stop_frozen_neighbour(culprit)
+            self.node.kill(culprit)  # it would hold the launcher for its grace period
         logger.debug("%s: stopping, the run failed: %s", self.where, detail[0].decode())
         if self.coordinator is not None:
             # It is writing the summary and the report: an exit now would orphan it.
             self.coordinator.join(COORDINATOR_FINISH_S)
         _flush_and_exit(1)
-
-    def _stop_frozen_neighbour(self, rank: int) -> None:
-        """SIGKILL ``rank`` if it runs on this node: a stopped process waits out the
-        launcher's whole grace period otherwise. Harmless if it already died."""
-        placements = self.placements
-        if not placements or rank >= len(placements):
-            return
-        mine, theirs = placements[self.rank], placements[rank]
-        if theirs.node == mine.node and theirs.pid != os.getpid():
-            with contextlib.suppress(OSError):
-                os.kill(theirs.pid, signal.SIGKILL)
 
     def _exit(self, why: str) -> None:
         sys.stderr.write(f"trgl_dist: {self.where}: {why}; stopping\n")
@@ -143,3 +133,13 @@ def _flush_and_exit(code: int) -> None:
         sys.stdout.flush()
         sys.stderr.flush()
     os._exit(code)
+
+
+def node_ranks(topology: Topology) -> NodeRanks:
+    """The ranks on this rank's node (every rank of a node has the same launcher)."""
+    placements = topology.placements
+    if not placements:
+        return NodeRanks()
+    node = placements[topology.rank].node
+    pids = {rank: p.pid for rank, p in enumerate(placements) if p.node == node}
+    return NodeRanks(pids, os.getppid())
