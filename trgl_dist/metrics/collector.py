@@ -309,11 +309,13 @@ class Collector:
         """A rank of this node that is stopped (SIGSTOP) is frozen, silence timeout or not:
         its neighbours may have ended on their own link timeouts first."""
         silent = set(range(self.shape.world_size)) - reporters(self.reports)
-        stopped = [rank for rank in sorted(silent) if self.node.is_stopped(rank)]
-        if stopped and self.frozen is None:
-            self._freeze(stopped[0], "its process is stopped (SIGSTOP?)", now)
-        for rank in stopped:
-            self.node.kill(rank)
+        for rank in sorted(silent):
+            if not self.node.is_stopped(rank):
+                continue
+            if self.frozen is None:
+                self._freeze(rank, "its process is stopped (SIGSTOP?)", now)  # kills it
+            else:
+                self.node.kill(rank)
 
     def _freeze(self, rank: int, why: str, now: float) -> None:
         """Judge ``rank`` frozen; stop it at once if it runs here (the others' watchdogs
